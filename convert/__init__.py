@@ -1,0 +1,5 @@
+"""The edgephi converter: Hugging Face checkpoints and GGUF files -> edgephi model folders."""
+
+from .pipeline import convert
+
+__all__ = ["convert"]

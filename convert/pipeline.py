@@ -1,0 +1,205 @@
+"""Conversion: a source (HF folder or GGUF file) -> an edgephi model folder, tensor by tensor,
+built in a temporary folder beside OUT and renamed into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgephi import format as fmt_
+from edgephi.errors import EdgephiError
+from edgephi.quant import FORMATS, QuantFormat, can_quantize, dequantize, plane_key, plane_layout, quantize
+from edgephi.safetensors_io import SafetensorsWriter
+
+from .gguf_source import GGUFModel
+from .hf_source import HFCheckpoint
+from .tensors import SourceTensor
+
+CHUNK_ELEMENTS = 8 << 20  # rows quantized per step: bounds memory to a few hundred MB
+LINEAR_KINDS = ("qkv", "o", "gate_up", "down")
+EMBED_KINDS = ("embed", "output")
+END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
+
+
+@dataclass
+class TensorReport:
+    name: str
+    format: str
+    shape: tuple[int, ...]
+    source_format: str
+    rel_error: float  # ||dequantized - source|| / ||source||; 0 when copied bit for bit
+    lossless: bool
+    _err2: float = 0.0
+    _ref2: float = 0.0
+
+
+@dataclass
+class Report:
+    out: Path
+    parameters: int = 0
+    bytes_on_disk: int = 0
+    seconds: float = 0.0
+    tensors: list[TensorReport] = field(default_factory=list)
+
+    def by_kind(self) -> dict[str, tuple[str, float, bool]]:
+        """kind -> (formats, error over all its tensors, all lossless)."""
+        groups: dict[str, list[TensorReport]] = {}
+        for t in self.tensors:
+            groups.setdefault(t.name.rsplit(".", 1)[-1], []).append(t)
+        out = {}
+        for kind, ts in groups.items():
+            ref2 = sum(t._ref2 for t in ts)
+            err = (sum(t._err2 for t in ts) / ref2) ** 0.5 if ref2 else 0.0
+            out[kind] = ("/".join(sorted({t.format for t in ts})), err, all(t.lossless for t in ts))
+        return out
+
+
+def open_source(src: Path):
+    if not src.exists():
+        raise EdgephiError(f"{src}: no such file or folder")
+    if src.is_dir():
+        return HFCheckpoint(src)
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise EdgephiError(f"{src}: not a GGUF file or a Hugging Face checkpoint folder")
+    return GGUFModel(src)
+
+
+def target_format(t: SourceTensor, quant: str | None, embed_quant: str | None) -> QuantFormat:
+    kind = t.name.rsplit(".", 1)[-1]
+    if kind not in LINEAR_KINDS + EMBED_KINDS:
+        return FORMATS["f32"]  # norms stay float
+    name = quant if kind in LINEAR_KINDS else embed_quant
+    if name is None:  # keep what the source holds (GGUF import)
+        return t.stored_format or FORMATS["f16"]
+    f = FORMATS[name]
+    if not can_quantize(f, t.shape):
+        raise EdgephiError(f"{t.origin}: {t.shape[1]} columns are not a multiple of 32, so it cannot be "
+                           f"stored as {name}; choose f16 or f32")
+    return f
+
+
+def _generation(source, tokenizer) -> dict:
+    gen = source.generation(tokenizer.special_tokens)
+    stops = [i for i in gen["eos_token_ids"] if isinstance(i, int)]
+    stops += [tokenizer.special_tokens[t] for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens]
+    gen["eos_token_ids"] = sorted(set(stops))
+    return gen
+
+
+def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", embed_quant: str | None = "q8_0",
+            force: bool = False, progress: Callable[[int, int, str], None] | None = None) -> Report:
+    """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats."""
+    started = time.perf_counter()
+    src, out = Path(src), Path(out)
+    for q in (quant, embed_quant):
+        if q is not None and q not in FORMATS:
+            raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(FORMATS)})")
+    if out.exists() and not force:
+        raise EdgephiError(f"{out}: already exists (use --force to replace it)")
+    source = open_source(src)
+    if quant is None and isinstance(source, HFCheckpoint):
+        quant = "q4_0"
+    if embed_quant is None and isinstance(source, HFCheckpoint):
+        embed_quant = "q8_0"
+    tokenizer = source.tokenizer()
+    tensors = list(source.tensors())
+    formats = {t.name: target_format(t, quant, embed_quant) for t in tensors}
+    matrices = _matrix_names(tensors)
+    recipe = {t.name: {"format": formats[t.name].name, "shape": list(_logical_shape(t, matrices))}
+              for t in tensors}
+    config = replace(source.config, tensors=recipe,
+                     source={"path": src.name, "kind": "gguf" if isinstance(source, GGUFModel) else "hf"})
+    if tokenizer.n_vocab > config.vocab_size:
+        raise EdgephiError(f"{src}: tokenizer has {tokenizer.n_vocab} ids but the embedding only "
+                           f"{config.vocab_size} rows")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    report = Report(out)
+    try:
+        _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress)
+        (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
+        tokenizer.save(tmp)
+        (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(_generation(source, tokenizer), indent=1) + "\n")
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.bytes_on_disk = sum(p.stat().st_size for p in out.iterdir())
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _matrix_names(tensors: list[SourceTensor]) -> set[str]:
+    return {t.name for t in tensors if t.name.rsplit(".", 1)[-1] in LINEAR_KINDS + EMBED_KINDS}
+
+
+def _logical_shape(t: SourceTensor, matrices: set[str]) -> tuple[int, ...]:
+    return t.shape if t.name in matrices else (t.shape[1],)
+
+
+def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, QuantFormat], report: Report,
+                   progress) -> None:
+    matrices = _matrix_names(tensors)
+    entries = []
+    for t in tensors:
+        for plane, (dtype, shape) in plane_layout(formats[t.name], _logical_shape(t, matrices)).items():
+            entries.append((plane_key(t.name, plane), dtype, shape))
+    writer = SafetensorsWriter(path, entries, {"format": fmt_.FORMAT_NAME,
+                                               "format_version": str(fmt_.FORMAT_VERSION)})
+    total = sum(int(np.prod(t.shape)) for t in tensors)
+    done = 0
+    try:
+        for t in tensors:
+            f = formats[t.name]
+            stored = t.stored_format
+            rep = TensorReport(t.name, f.name, _logical_shape(t, matrices), stored.name if stored else "float",
+                               0.0, lossless=stored is not None and stored.name == f.name)
+            rows, cols = t.shape
+            step = max(1, CHUNK_ELEMENTS // cols)
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                if rep.lossless:
+                    planes = t.planes(start, stop)
+                else:
+                    ref = t.floats(start, stop)
+                    planes = quantize(ref, f)
+                    back = dequantize(planes, f).astype(np.float64)
+                    rep._err2 += float(np.sum((back - ref) ** 2))
+                    rep._ref2 += float(np.sum(ref.astype(np.float64) ** 2))
+                for plane, arr in planes.items():
+                    if t.name not in matrices:
+                        arr = arr.reshape(-1)
+                    writer.write(plane_key(t.name, plane), arr, start)
+                done += (stop - start) * cols
+                if progress:
+                    progress(done, total, t.name)
+            rep.rel_error = (rep._err2 / rep._ref2) ** 0.5 if rep._ref2 else 0.0
+            report.tensors.append(rep)
+            report.parameters += rows * cols
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing OUT (--force) is removed only after."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.rename(tmp, out)
