@@ -64,7 +64,7 @@ def ranks_from_vocab(vocab: dict[str, int], merges: list[tuple[str, str]], where
         merged = vocab.get(left + right)
         if merged is None:
             raise EdgephiError(f"{where}: merge {i} ({left!r} {right!r}) makes a token not in the vocabulary")
-        if merged <= last:
+        if merged < last:  # several merges may make one token (TikTokenConverter lists every split)
             raise EdgephiError(
                 f"{where}: token ids do not follow merge order (merge {i} makes id {merged} after id {last}); "
                 "tiktoken cannot express this vocabulary")

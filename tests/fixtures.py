@@ -262,6 +262,31 @@ def write_phi4_mini_tokenizer(folder) -> Path:
     }, tiktoken_pattern=True)
 
 
+def write_tiny_tokenizer(folder, vocab_size: int = 512) -> Path:
+    """A byte-level BPE trained by `tokenizers` on text_corpus(): a real tokenizer.json in the
+    layout SmolLM2/GPT-2 use, small enough for the tiny checkpoints' 512-row embedding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False)
+    tok.train_from_iterator(text_corpus(), trainer)
+    folder = Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "tokenizer_class": "GPT2Tokenizer",
+        "chat_template": SMOLLM_STYLE_CHAT_TEMPLATE}, indent=2))
+    return folder
+
+
+SMOLLM_STYLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 # ---------------------------------------------------------------------------
 # Random tiny checkpoints
 
@@ -328,8 +353,8 @@ def make_checkpoint(folder, variant: str, dtype: str = "float32", shards: bool =
     dtype: float32, float16 or bfloat16, as stored. shards: split into >= 2
     safetensors files with model.safetensors.index.json. hub_style: rewrite
     config.json in the Hub's pre-transformers-5 layout (see _hub_style_config).
-    tokenizer: False, True/"phi4" or "phi4_mini": also write that tokenizer and
-    widen the vocabulary to match it.
+    tokenizer: True/"phi4" or "phi4_mini": write that tokenizer and widen the vocabulary
+    to match it; False: a tiny byte-level BPE (write_tiny_tokenizer) of vocab_size tokens.
     """
     import torch
     import transformers
@@ -365,6 +390,8 @@ def make_checkpoint(folder, variant: str, dtype: str = "float32", shards: bool =
         path.write_text(json.dumps(_hub_style_config(json.loads(path.read_text()), spec), indent=2) + "\n")
     if tokenizer:
         write(folder)
+    else:
+        write_tiny_tokenizer(folder, config.vocab_size)
     return folder
 
 
