@@ -19,7 +19,10 @@ transformers = pytest.importorskip("transformers")
 
 def reference_weights(folder) -> dict[str, np.ndarray]:
     """transformers' float32 weights under edgephi's names (q/k/v and gate/up stacked)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return weights_by_edgephi_name(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+
+
+def weights_by_edgephi_name(model) -> dict[str, np.ndarray]:
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     out = {"embed": sd["model.embed_tokens.weight"], "norm": sd["model.norm.weight"]}
     if not model.config.tie_word_embeddings:
