@@ -106,6 +106,8 @@ class GGUFFile:
             dims = [self._read("Q") for _ in range(ndim)]
             infos.append((name, dims, self._read("I"), self._read("Q")))
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise EdgephiError(f"{self.path}: corrupt GGUF header (general.alignment {align!r})")
         data_start = self._pos + (-self._pos) % align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, gtype, offset in infos:

@@ -61,14 +61,17 @@ def _rope(cfg: dict, where: str, head_dim: int, max_pos: int) -> tuple[float, in
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     cfg = _read_json(path)
-    archs = cfg.get("architectures") or []
-    arch = ARCHITECTURES.get(archs[0] if archs else "")
-    if arch is None:
-        raise EdgephiError(f"{path}: unsupported architecture {archs or cfg.get('model_type')} "
+    archs = cfg.get("architectures")
+    name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if name not in ARCHITECTURES:
+        raise EdgephiError(f"{path}: unsupported architecture {name or cfg.get('model_type')!r} "
                            f"(supported: {', '.join(ARCHITECTURES)})")
+    arch = ARCHITECTURES[name]
     try:
         D, H = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         Hk = int(cfg.get("num_key_value_heads") or H)
+        if min(D, H, Hk, int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])) <= 0:
+            raise ValueError("sizes and counts must be positive")
         head_dim = int(cfg.get("head_dim") or D // H)
         max_pos = int(cfg.get("max_position_embeddings", 4096))
         theta, rotary_dim, original, scaling = _rope(cfg, str(path), head_dim, max_pos)

@@ -122,6 +122,7 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
         raise EdgephiError(f"{src}: tokenizer has {tokenizer.n_vocab} ids but the embedding only "
                            f"{config.vocab_size} rows")
 
+    created = next((p for p in reversed(out.absolute().parents) if not p.exists()), None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +136,8 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:  # folders this run made for OUT: a failed run leaves nothing
+            shutil.rmtree(created, ignore_errors=True)
         raise
     report.bytes_on_disk = sum(p.stat().st_size for p in out.iterdir())
     report.seconds = time.perf_counter() - started

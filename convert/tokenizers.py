@@ -82,9 +82,13 @@ def make_spec(name: str, pattern: str, ranks: dict[bytes, int], special: dict[st
     return TokenizerSpec(name, pattern, ranks, special, n_vocab)
 
 
-def _merge_pairs(raw: list) -> list[tuple[str, str]]:
+def _merge_pairs(raw, where: str) -> list[tuple[str, str]]:
     # tokenizers < 0.20 wrote "a b" strings, newer versions write ["a", "b"] pairs.
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in raw]
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) if isinstance(m, list) else ()
+             for m in (raw if isinstance(raw, list) else [None])]
+    if not all(len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+        raise EdgephiError(f"{where}: malformed merges list")
+    return pairs
 
 
 def _hf_pattern(pre: dict | None, where: str) -> str:
@@ -116,7 +120,9 @@ def spec_from_tokenizer_json(path: Path) -> TokenizerSpec:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise EdgephiError(f"{where}: cannot read tokenizer ({exc})") from None
-    model = data.get("model") or {}
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        raise EdgephiError(f"{where}: malformed tokenizer.json (no model vocabulary)")
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise EdgephiError(
             f"{where}: {model.get('type')} tokenizer with byte fallback (SentencePiece style, as in "
@@ -125,9 +131,12 @@ def spec_from_tokenizer_json(path: Path) -> TokenizerSpec:
     if data.get("normalizer"):
         raise EdgephiError(f"{where}: tokenizer normalizer {data['normalizer'].get('type')} is not supported")
     pattern = _hf_pattern(data.get("pre_tokenizer"), where)
-    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    try:
+        added = {t["content"]: int(t["id"]) for t in data.get("added_tokens") or []}
+    except (KeyError, TypeError, ValueError):
+        raise EdgephiError(f"{where}: malformed added_tokens") from None
     vocab = {tok: i for tok, i in model["vocab"].items() if tok not in added}
-    ranks = ranks_from_vocab(vocab, _merge_pairs(model.get("merges", [])), where)
+    ranks = ranks_from_vocab(vocab, _merge_pairs(model.get("merges", []), where), where)
     return make_spec(Path(path).parent.name or "tokenizer", pattern, ranks, added)
 
 
@@ -146,6 +155,6 @@ def spec_from_gguf(gguf, where: str) -> TokenizerSpec:
     types = gguf.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}  # control, user
     vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind not in (3, 4)}
-    merges = _merge_pairs(gguf.get("tokenizer.ggml.merges") or [])
+    merges = _merge_pairs(gguf.get("tokenizer.ggml.merges") or [], where)
     ranks = ranks_from_vocab(vocab, merges, where)
     return make_spec(gguf.get("general.name", "gguf"), GGUF_PRE_PATTERNS[pre], ranks, special)

@@ -82,6 +82,5 @@ def convert(src, out, quant, embed_quant, force):
     """Convert a Hugging Face checkpoint folder or a GGUF file SRC into the edgephi model folder OUT."""
     from convert.pipeline import convert as run  # the runtime never needs the converter's modules
 
-    click.echo(f"converting {src} -> {out}", err=True)
-    report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, progress=ProgressBar("convert"))
+    report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, progress=ProgressBar("converting"))
     print_conversion_report(report)

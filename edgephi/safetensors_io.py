@@ -92,7 +92,7 @@ class SafetensorsWriter:
     """Writes a file whose tensor list is declared up front; data then arrives in row ranges,
     in any order, so a large tensor never has to be in memory whole.
 
-    entries: [(name, numpy dtype, shape)] in file order.
+    entries: [(name, numpy dtype or "BF16", shape)] in file order.
     """
 
     def __init__(self, path: str | Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
@@ -102,9 +102,10 @@ class SafetensorsWriter:
         offset = 0
         self._entries = {}
         for name, dtype, shape in entries:
-            dtype = np.dtype(dtype)
+            label = dtype if dtype == "BF16" else DTYPE_NAMES[np.dtype(dtype)]  # bf16 arrives as uint16 bits
+            dtype = np.dtype(DTYPES[label])
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+            header[name] = {"dtype": label, "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             self._entries[name] = [dtype, tuple(shape), offset, nbytes, 0]  # last: bytes written
             offset += nbytes
