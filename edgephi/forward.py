@@ -1,0 +1,66 @@
+"""The transformer forward pass as one JIT call per step: every layer, then the final norm and logits.
+
+Phi3 and Llama share it: the converter stores Llama's q/k/v and gate/up stacked like Phi3's
+fused qkv_proj and gate_up_proj, and undoes llama.cpp's Q/K permutation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .kernels import add_into, attention, embed_rows, linear, rmsnorm, rope, silu_mul, store_kv
+
+
+class Workspace:
+    """Scratch arrays for steps of up to T tokens, allocated once and reused every step."""
+
+    def __init__(self, cfg, T: int, capacity: int, logits_rows: int):
+        D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        f32 = np.float32
+        self.T, self.H = T, H
+        self.x = np.zeros((T, D), f32)  # residual stream
+        self.xn = np.zeros((T, D), f32)  # normed input of a sublayer
+        self.qkv = np.zeros((T, (H + 2 * Hk) * Dh), f32)
+        self.attn = np.zeros((T, H * Dh), f32)
+        self.tmp = np.zeros((T, D), f32)
+        self.gate_up = np.zeros((T, 2 * F), f32)
+        self.act = np.zeros((T, F), f32)
+        self.scores = np.zeros((T * H, capacity), f32)
+        self.logits = np.zeros((logits_rows, cfg.vocab_size), f32)
+
+    def buffers(self, n: int):
+        """Views for a step of n <= T tokens."""
+        return (self.x[:n], self.xn[:n], self.qkv[:n], self.attn[:n], self.tmp[:n], self.gate_up[:n],
+                self.act[:n], self.scores[:n * self.H])
+
+
+@njit(cache=True)
+def forward(tokens, positions, slots, n_slots, shape, eps, inv_freq, attention_factor, window,
+            embed, output, final_norm, attn_norms, ffn_norms, qkv_w, o_w, gate_up_w, down_w,
+            k_cache, v_cache, slot_pos, lut, x, xn, qkv, attn, tmp, gate_up, act, scores, logits, all_logits):
+    """Run T new tokens (at `positions`, cached into `slots`) through the model.
+    shape = (H, Hk, Dh, R); k_cache/v_cache (L, C, Hk * Dh) f16 bits; logits (T or 1, V)."""
+    H, Hk, Dh, R = shape
+    T = tokens.shape[0]
+    embed_rows(embed, tokens, x, lut)
+    for layer in range(len(qkv_w)):
+        rmsnorm(x, attn_norms[layer], eps, xn)
+        linear(qkv_w[layer], xn, qkv, lut)
+        rope(qkv, positions, inv_freq, attention_factor, H, Hk, Dh, R)
+        store_kv(qkv, slots, k_cache[layer], v_cache[layer], H, Hk, Dh)
+        attention(qkv, positions, k_cache[layer], v_cache[layer], slot_pos, n_slots, window, H, Hk, Dh, lut,
+                  scores, attn)
+        linear(o_w[layer], attn, tmp, lut)
+        add_into(x, tmp)
+        rmsnorm(x, ffn_norms[layer], eps, xn)
+        linear(gate_up_w[layer], xn, gate_up, lut)
+        silu_mul(gate_up, act)
+        linear(down_w[layer], act, tmp, lut)
+        add_into(x, tmp)
+    if all_logits:
+        rmsnorm(x, final_norm, eps, xn)
+        linear(output, xn, logits, lut)
+    else:
+        rmsnorm(x[T - 1:], final_norm, eps, xn[:1])
+        linear(output, xn[:1], logits, lut)

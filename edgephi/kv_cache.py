@@ -1,0 +1,77 @@
+"""A ring-buffer KV cache: fixed capacity, absolute positions, a kept prefix (attention sinks or a
+chat's system prompt) that is never overwritten."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .format import ModelConfig
+
+DEFAULT_SINKS = 4
+
+
+class KVCache:
+    """K and V of every layer for up to `capacity` tokens, as float16 bits (or float32)."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int, sinks: int = DEFAULT_SINKS, dtype: str = "float16"):
+        if capacity < 2:
+            raise ValueError(f"context must be at least 2 tokens, got {capacity}")
+        self.capacity = capacity
+        self.sinks = min(sinks, capacity - 1)
+        width = cfg.num_kv_heads * cfg.head_dim
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"kv_dtype must be float16 or float32, got {dtype!r}")
+        # (L, C, Hk * Dh): float16 travels as uint16 bits (numba cannot load float16)
+        self.k = np.zeros((cfg.num_layers, capacity, width), np.uint16 if dtype == "float16" else np.float32)
+        self.v = np.zeros_like(self.k)
+        self.slot_pos = np.full(capacity, -1, np.int64)  # absolute position held by each slot
+        self.slot_token = np.full(capacity, -1, np.int64)  # its token id (to recompute, e.g. LongRoPE)
+        self.reset()
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reset(self) -> None:
+        self.slot_pos[:] = -1
+        self.slot_token[:] = -1
+        self.next_pos = 0  # absolute position of the next token
+        self.keep = self.sinks  # positions [0, keep) are never overwritten
+        self.long_rope = False  # which LongRoPE factors the cached keys were rotated with
+
+    def keep_prefix(self, n: int) -> None:
+        """Pin the first n positions (a chat's system prompt) so the ring never overwrites them."""
+        if n >= self.capacity:
+            raise ValueError(f"a kept prefix of {n} tokens does not fit a context of {self.capacity}")
+        if self.next_pos > self.capacity:
+            raise ValueError("the kept prefix must be set before the cache wraps around")
+        self.keep = max(self.sinks, n)
+
+    @property
+    def n_slots(self) -> int:
+        """Slots in use: they fill in order until the ring wraps."""
+        return min(self.next_pos, self.capacity)
+
+    @property
+    def max_chunk(self) -> int:
+        """Most tokens one step may add without overwriting slots written by the same step."""
+        return self.capacity - self.keep
+
+    def slot_of(self, positions: np.ndarray) -> np.ndarray:
+        ring = self.capacity - self.keep
+        return np.where(positions < self.keep, positions, self.keep + (positions - self.keep) % ring)
+
+    def append(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Claim slots for the next len(tokens) positions: returns (positions, slots)."""
+        positions = np.arange(self.next_pos, self.next_pos + len(tokens), dtype=np.int64)
+        slots = self.slot_of(positions).astype(np.int64)
+        self.slot_pos[slots] = positions
+        self.slot_token[slots] = tokens
+        self.next_pos += len(tokens)
+        return positions, slots
+
+    def cached_tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, positions, slots) of everything cached, in position order."""
+        used = np.nonzero(self.slot_pos >= 0)[0]
+        order = used[np.argsort(self.slot_pos[used])]
+        return self.slot_token[order], self.slot_pos[order], order.astype(np.int64)

@@ -1,0 +1,131 @@
+"""A loaded model: config, mapped weights, tokenizer and a KV cache, stepping tokens through forward()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from .errors import EdgephiError, ModelFormatError
+from .format import GENERATION_FILE, ModelConfig, read_config
+from .forward import Workspace, forward
+from .kernels import F16_TO_F32
+from .kv_cache import KVCache
+from .tokenizer import Tokenizer
+from .weights import load_weights
+
+DEFAULT_KV_BUDGET = 512 << 20  # default context is capped so the KV cache fits in 512 MiB
+PREFILL_CHUNK = 256  # tokens per prefill step: bounds scratch memory (scores are chunk x H x C)
+
+
+def rope_inv_freq(cfg: ModelConfig, factors) -> np.ndarray:
+    """Inverse frequencies (R/2,) in float32, computed as transformers does."""
+    exponent = np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / np.float32(cfg.rotary_dim)
+    base = np.float32(cfg.rope_theta) ** exponent
+    if factors is not None:
+        base = np.asarray(factors, dtype=np.float32) * base
+    return (np.float32(1.0) / base).astype(np.float32)
+
+
+class Model:
+    def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None,
+                 kv_dtype: str = "float16"):
+        folder = Path(folder)
+        if not folder.exists():
+            raise EdgephiError(f"{folder}: no such model folder")
+        self.folder = folder
+        self.config = cfg = read_config(folder)
+        self.weights = load_weights(folder, cfg)
+        self.tokenizer = Tokenizer.from_folder(folder)
+        try:
+            self.generation_config = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"{folder / GENERATION_FILE}: unreadable ({exc})") from None
+        if threads is not None:
+            if not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        if context is None:
+            context = min(cfg.max_position_embeddings, max(256, DEFAULT_KV_BUDGET // cfg.kv_bytes_per_token))
+        if not isinstance(context, int) or context < 2:
+            raise ValueError(f"context must be an integer >= 2, got {context!r}")
+        self.kv_dtype = kv_dtype
+        self.cache = KVCache(cfg, context, dtype=kv_dtype)
+        scaling = cfg.rope_scaling
+        self._inv_freq_short = rope_inv_freq(cfg, scaling.short_factor if scaling else None)
+        self._inv_freq_long = rope_inv_freq(cfg, scaling.long_factor) if scaling else self._inv_freq_short
+        self._attention_factor = np.float32(scaling.attention_factor if scaling else 1.0)
+        self._shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim)
+        self._decode_ws = Workspace(cfg, 1, context, 1)
+        self._chunk_ws: Workspace | None = None
+
+    # -- stepping -------------------------------------------------------------------------------
+
+    def _uses_long_rope(self, last_position: int) -> bool:
+        cfg = self.config
+        return cfg.rope_scaling is not None and last_position + 1 > cfg.original_max_position_embeddings
+
+    def _run(self, cache: KVCache, tokens: np.ndarray, ws: Workspace, all_logits: bool) -> np.ndarray:
+        """One forward step of len(tokens) <= ws.T new tokens into `cache`."""
+        n = len(tokens)
+        positions, slots = cache.append(tokens)
+        w, cfg = self.weights, self.config
+        inv_freq = self._inv_freq_long if cache.long_rope else self._inv_freq_short
+        logits = ws.logits[:n] if all_logits else ws.logits[:1]
+        forward(tokens, positions, slots, cache.n_slots, self._shape, np.float32(cfg.rms_norm_eps), inv_freq,
+                self._attention_factor, cfg.sliding_window or 0, w.embed, w.output, w.norm, w.attn_norms,
+                w.ffn_norms, w.qkv, w.o, w.gate_up, w.down, cache.k, cache.v, cache.slot_pos, F16_TO_F32,
+                *ws.buffers(n), logits, all_logits)
+        return logits
+
+    def _chunk_workspace(self, cache: KVCache, all_logits: bool) -> Workspace:
+        T = min(PREFILL_CHUNK, cache.max_chunk)
+        ws = self._chunk_ws
+        if ws is None or ws.T != T or ws.scores.shape[1] != cache.capacity or (all_logits and ws.logits.shape[0] < T):
+            ws = Workspace(self.config, T, cache.capacity, T if all_logits else 1)
+            if cache is self.cache:
+                self._chunk_ws = ws
+        return ws
+
+    def _switch_to_long_rope(self, cache: KVCache) -> None:
+        """Crossing original_max_position_embeddings: keys cached with the short factors are
+        recomputed with the long ones, as transformers does when it drops its cache there."""
+        tokens, positions, _ = cache.cached_tokens()
+        cache.long_rope = True
+        end = cache.next_pos
+        cache.slot_pos[:] = -1
+        ws = self._chunk_workspace(cache, False)
+        # replay runs of consecutive positions (the kept prefix, then the ring) into the same slots
+        breaks = np.nonzero(np.diff(positions) != 1)[0] + 1
+        for run_tokens, run_positions in zip(np.split(tokens, breaks), np.split(positions, breaks)):
+            for start in range(0, len(run_tokens), ws.T):
+                cache.next_pos = int(run_positions[start])
+                self._run(cache, run_tokens[start:start + ws.T], ws, False)
+        cache.next_pos = end
+
+    def feed(self, tokens, *, cache: KVCache | None = None, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the cache; returns logits (len(tokens), V) or (1, V) of the last one."""
+        cache = self.cache if cache is None else cache
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError("tokens must be a non-empty list of token ids")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        if not cache.long_rope and self._uses_long_rope(cache.next_pos + len(tokens) - 1):
+            self._switch_to_long_rope(cache)
+        if len(tokens) == 1 and not all_logits and cache is self.cache:
+            return self._run(cache, tokens, self._decode_ws, False)
+        ws = self._chunk_workspace(cache, all_logits)
+        parts = []
+        for start in range(0, len(tokens), ws.T):
+            out = self._run(cache, tokens[start:start + ws.T], ws, all_logits)
+            parts.append(out.copy() if all_logits else out)
+        return np.concatenate(parts) if all_logits else parts[-1]
+
+    def logits(self, ids) -> np.ndarray:
+        """float32 (len(ids), V) logits of `ids` in a fresh context (the model's cache is untouched)."""
+        ids = list(ids)
+        cache = KVCache(self.config, max(2, len(ids) + 1), sinks=0, dtype=self.kv_dtype)
+        return self.feed(ids, cache=cache, all_logits=True)

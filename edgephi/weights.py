@@ -1,0 +1,86 @@
+"""Model weights, memory-mapped from weights.safetensors and arranged as kernel arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numba import typed
+
+from .errors import ModelFormatError
+from .format import WEIGHTS_FILE, ModelConfig, expected_shape
+from .quant import FORMATS, plane_key
+from .safetensors_io import SafetensorsFile
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)  # a plain ndarray view of the map: numba does not take np.memmap
+    a.setflags(write=False)  # every weight array has one numba type, mapped or not
+    return a
+
+
+EMPTY_U8 = _readonly(np.zeros((0, 0), np.uint8))
+EMPTY_U16 = _readonly(np.zeros((0, 0), np.uint16))
+EMPTY_F32 = _readonly(np.zeros((0, 0), np.float32))
+
+
+@dataclass
+class Weights:
+    embed: tuple  # linear-weight tuples, see kernels.py
+    output: tuple
+    norm: np.ndarray  # (D,)
+    attn_norms: typed.List  # L x (D,)
+    ffn_norms: typed.List
+    qkv: typed.List  # L x linear-weight tuple
+    o: typed.List
+    gate_up: typed.List
+    down: typed.List
+    nbytes: int
+
+
+def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: missing")
+    st = SafetensorsFile(path)
+
+    def plane(name, plane_name, dtype):
+        key = plane_key(name, plane_name)
+        if key not in st.header:
+            raise ModelFormatError(f"{path}: tensor {key!r} is missing")
+        return _readonly(st.raw(key).view(dtype))
+
+    def matrix(name):
+        recipe = cfg.tensors.get(name)
+        if recipe is None:
+            raise ModelFormatError(f"{folder}/config.json: no recipe for tensor {name!r}")
+        fmt = FORMATS.get(recipe["format"])
+        if fmt is None or tuple(recipe["shape"]) != expected_shape(cfg, name):
+            raise ModelFormatError(f"{path}: tensor {name!r} has format {recipe['format']} shape {recipe['shape']}")
+        if fmt.name == "f32":
+            return (fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, plane(name, "", np.float32))
+        if fmt.name == "f16":
+            return (fmt.ggml_type, EMPTY_U8, plane(name, "", np.uint16), EMPTY_U16, EMPTY_F32)
+        m = plane(name, "m", np.uint16) if fmt.name == "q4_1" else EMPTY_U16
+        return (fmt.ggml_type, plane(name, "qs", np.uint8), plane(name, "d", np.uint16), m, EMPTY_F32)
+
+    def vector(name):
+        arr = plane(name, "", np.float32)
+        if arr.shape != (cfg.hidden_size,):
+            raise ModelFormatError(f"{path}: tensor {name!r} has shape {arr.shape}")
+        return arr
+
+    def per_layer(kind, load):
+        items = typed.List()
+        for i in range(cfg.num_layers):
+            items.append(load(f"layers.{i}.{kind}"))
+        return items
+
+    embed = matrix("embed")
+    return Weights(
+        embed=embed, output=embed if cfg.tie_word_embeddings else matrix("output"), norm=vector("norm"),
+        attn_norms=per_layer("attn_norm", vector), ffn_norms=per_layer("ffn_norm", vector),
+        qkv=per_layer("qkv", matrix), o=per_layer("o", matrix), gate_up=per_layer("gate_up", matrix),
+        down=per_layer("down", matrix), nbytes=path.stat().st_size,
+    )
