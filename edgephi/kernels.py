@@ -17,6 +17,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from . import jit_cache  # noqa: F401  (sets numba's cache folder before any kernel compiles)
+
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)  # (65536,)
 
@@ -51,56 +53,178 @@ def f32_bits_to_f16_bits(bits32):
     return np.uint16(sign | half)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, fastmath=True)
+def _q4_block_dot(qs, n, b, x):
+    """sum_j q[n, b*32 + j] * x[b*32 + j] over one block (nibbles as 0..15)."""
+    part = np.float32(0.0)
+    for j in range(16):
+        part += np.float32(qs[n, b * 16 + j] & np.uint8(15)) * x[b * 32 + j]
+    for j in range(16):
+        part += np.float32(qs[n, b * 16 + j] >> np.uint8(4)) * x[b * 32 + 16 + j]
+    return part
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q4(qs, d, m, has_min, x, out, lut):
+    """out[n] = W[n] . x for q4_0 (values q - 8) or q4_1 (has_min: q * d + m).
+    Four rows share each load of x; low and high nibbles run as two 16-wide loops, which LLVM
+    vectorises (measured 4x faster than one row at a time); the block sums of x fold in the
+    -8 offset or the q4_1 minimum once per block."""
+    N = out.shape[0]
+    nb = x.shape[0] // 32
+    xsum = np.empty(nb, np.float32)
+    for b in range(nb):
+        acc = np.float32(0.0)
+        for j in range(32):
+            acc += x[b * 32 + j]
+        xsum[b] = acc
+    for g in prange((N + 3) // 4):
+        n = g * 4
+        if n + 4 <= N:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for b in range(nb):
+                p0 = p1 = p2 = p3 = np.float32(0.0)
+                for j in range(16):
+                    xa = x[b * 32 + j]
+                    p0 += np.float32(qs[n, b * 16 + j] & np.uint8(15)) * xa
+                    p1 += np.float32(qs[n + 1, b * 16 + j] & np.uint8(15)) * xa
+                    p2 += np.float32(qs[n + 2, b * 16 + j] & np.uint8(15)) * xa
+                    p3 += np.float32(qs[n + 3, b * 16 + j] & np.uint8(15)) * xa
+                for j in range(16):
+                    xb = x[b * 32 + 16 + j]
+                    p0 += np.float32(qs[n, b * 16 + j] >> np.uint8(4)) * xb
+                    p1 += np.float32(qs[n + 1, b * 16 + j] >> np.uint8(4)) * xb
+                    p2 += np.float32(qs[n + 2, b * 16 + j] >> np.uint8(4)) * xb
+                    p3 += np.float32(qs[n + 3, b * 16 + j] >> np.uint8(4)) * xb
+                if has_min:
+                    xs = xsum[b]
+                    a0 += lut[d[n, b]] * p0 + lut[m[n, b]] * xs
+                    a1 += lut[d[n + 1, b]] * p1 + lut[m[n + 1, b]] * xs
+                    a2 += lut[d[n + 2, b]] * p2 + lut[m[n + 2, b]] * xs
+                    a3 += lut[d[n + 3, b]] * p3 + lut[m[n + 3, b]] * xs
+                else:
+                    xs = np.float32(8.0) * xsum[b]
+                    a0 += lut[d[n, b]] * (p0 - xs)
+                    a1 += lut[d[n + 1, b]] * (p1 - xs)
+                    a2 += lut[d[n + 2, b]] * (p2 - xs)
+                    a3 += lut[d[n + 3, b]] * (p3 - xs)
+            out[n], out[n + 1], out[n + 2], out[n + 3] = a0, a1, a2, a3
+        else:
+            for r in range(n, N):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    part = _q4_block_dot(qs, r, b, x)
+                    if has_min:
+                        acc += lut[d[r, b]] * part + lut[m[r, b]] * xsum[b]
+                    else:
+                        acc += lut[d[r, b]] * (part - np.float32(8.0) * xsum[b])
+                out[r] = acc
+
+
+@njit(cache=True, fastmath=True)
+def _q8_block_dot(q, n, b, x):
+    part = np.float32(0.0)
+    for j in range(32):
+        part += np.float32(q[n, b * 32 + j]) * x[b * 32 + j]
+    return part
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q8(qs, d, x, out, lut):
+    """out[n] = W[n] . x for q8_0, four rows per step as in _matvec_q4."""
+    N = out.shape[0]
+    nb = x.shape[0] // 32
+    q = qs.view(np.int8)
+    for g in prange((N + 3) // 4):
+        n = g * 4
+        if n + 4 <= N:
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for b in range(nb):
+                p0 = p1 = p2 = p3 = np.float32(0.0)
+                for j in range(32):
+                    xv = x[b * 32 + j]
+                    p0 += np.float32(q[n, b * 32 + j]) * xv
+                    p1 += np.float32(q[n + 1, b * 32 + j]) * xv
+                    p2 += np.float32(q[n + 2, b * 32 + j]) * xv
+                    p3 += np.float32(q[n + 3, b * 32 + j]) * xv
+                a0 += lut[d[n, b]] * p0
+                a1 += lut[d[n + 1, b]] * p1
+                a2 += lut[d[n + 2, b]] * p2
+                a3 += lut[d[n + 3, b]] * p3
+            out[n], out[n + 1], out[n + 2], out[n + 3] = a0, a1, a2, a3
+        else:
+            for r in range(n, N):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    acc += lut[d[r, b]] * _q8_block_dot(q, r, b, x)
+                out[r] = acc
+
+
+@njit(cache=True, fastmath=True)
+def _dequantize_row(fmt, qs, s, m, f, n, row, lut):
+    """row[:] = W[n, :] as float32."""
+    K = row.shape[0]
+    if fmt == F32:
+        for k in range(K):
+            row[k] = f[n, k]
+    elif fmt == F16:
+        for k in range(K):
+            row[k] = lut[s[n, k]]
+    elif fmt == Q8_0:
+        for b in range(K // 32):
+            scale = lut[s[n, b]]
+            for j in range(32):
+                row[b * 32 + j] = np.float32(np.int8(qs[n, b * 32 + j])) * scale
+    else:
+        for b in range(K // 32):
+            scale = lut[s[n, b]]
+            low = lut[m[n, b]] if fmt == Q4_1 else np.float32(-8.0) * scale
+            for j in range(16):
+                byte = qs[n, b * 16 + j]
+                row[b * 32 + j] = np.float32(byte & 15) * scale + low
+                row[b * 32 + 16 + j] = np.float32(byte >> 4) * scale + low
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matmul(fmt, qs, s, m, f, x, out, lut):
+    """out (T, N) = x (T, K) @ W.T: each row of W is widened once, then used for all T tokens."""
+    T, K = x.shape
+    for n in prange(out.shape[1]):
+        row = np.empty(K, np.float32)
+        _dequantize_row(fmt, qs, s, m, f, n, row, lut)
+        for t in range(T):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += row[k] * x[t, k]
+            out[t, n] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_float(fmt, s, f, x, out, lut):
+    K = x.shape[0]
+    for n in prange(out.shape[0]):
+        acc = np.float32(0.0)
+        if fmt == F32:
+            for k in range(K):
+                acc += f[n, k] * x[k]
+        else:
+            for k in range(K):
+                acc += lut[s[n, k]] * x[k]
+        out[n] = acc
+
+
+@njit(cache=True)
 def linear(w, x, out, lut):
     """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32."""
     fmt, qs, s, m, f = w
-    T, K = x.shape
-    N = out.shape[1]
-    nb = K // 32
-    if fmt == F32:
-        for n in prange(N):
-            for t in range(T):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += f[n, k] * x[t, k]
-                out[t, n] = acc
-    elif fmt == F16:
-        for n in prange(N):
-            for t in range(T):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += lut[s[n, k]] * x[t, k]
-                out[t, n] = acc
+    if x.shape[0] > 1:
+        _matmul(fmt, qs, s, m, f, x, out, lut)
+    elif fmt == Q4_0 or fmt == Q4_1:
+        _matvec_q4(qs, s, m, fmt == Q4_1, x[0], out[0], lut)
     elif fmt == Q8_0:
-        for n in prange(N):
-            for t in range(T):
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    part = np.float32(0.0)
-                    for j in range(32):
-                        part += np.float32(np.int8(qs[n, b * 32 + j])) * x[t, b * 32 + j]
-                    acc += lut[s[n, b]] * part
-                out[t, n] = acc
-    else:  # q4_0, q4_1: byte j of a block holds element j (low nibble) and j + 16 (high)
-        offset = np.float32(8.0) if fmt == Q4_0 else np.float32(0.0)
-        for n in prange(N):
-            for t in range(T):
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    part = np.float32(0.0)
-                    xsum = np.float32(0.0)
-                    for j in range(16):
-                        byte = qs[n, b * 16 + j]
-                        x0 = x[t, b * 32 + j]
-                        x1 = x[t, b * 32 + 16 + j]
-                        part += np.float32(byte & 15) * x0 + np.float32(byte >> 4) * x1
-                        xsum += x0 + x1
-                    if fmt == Q4_0:
-                        acc += lut[s[n, b]] * (part - offset * xsum)
-                    else:
-                        acc += lut[s[n, b]] * part + lut[m[n, b]] * xsum
-                out[t, n] = acc
+        _matvec_q8(qs, s, x[0], out[0], lut)
+    else:
+        _matvec_float(fmt, s, f, x[0], out[0], lut)
 
 
 @njit(cache=True)

@@ -1,0 +1,124 @@
+"""Generation as stacked generators: token ids, then UTF-8-safe text pieces, then a string.
+
+Every way a generation ends (an end-of-turn id, a stop string, max_new_tokens) is decided in
+token_stream(), which records it in GenerationStats.finish_reason.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (end-of-turn id or stop string), "length", or "" while running
+    tokens: list = field(default_factory=list)  # generated ids
+    fed: list = field(default_factory=list)  # ids this call put into the KV cache
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first generated token comes out of the prefill step
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = tuple(stop)
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError("stop must be a string or a list of non-empty strings")
+    return stop
+
+
+def check_max_new_tokens(n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {n!r}")
+    return n
+
+
+def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_tokens: int,
+                 stop: tuple[str, ...] = (), ignore_eos: bool = False, context_ids: list[int] | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[int]:
+    """Feed new_ids into the model's cache, then sample up to max_new_tokens ids.
+
+    context_ids: every id already in the context before new_ids (for the repetition penalty).
+    The token that ends the turn is not yielded and not fed; a token completing a stop string is.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(new_ids)
+    rng = np.random.default_rng(params.seed)
+    eos = set() if ignore_eos else set(model.generation_config.get("eos_token_ids", []))
+    history = np.array(list(context_ids or []) + list(new_ids), dtype=np.int64)
+    tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, longest_stop = "", max((len(s) for s in stop), default=0)
+    started = time.perf_counter()
+    logits = model.feed(new_ids)[0]
+    stats.fed = list(new_ids)
+    stats.prefill_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    generated = stats.tokens = []
+    try:
+        while len(generated) < max_new_tokens:
+            token = sample(logits, params, rng, history if params.repetition_penalty != 1.0 else None)
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            generated.append(token)
+            stats.generated_tokens = len(generated)
+            yield token
+            if stop:
+                text = (text + tail.decode(model.tokenizer.decode_bytes([token])))[-(longest_stop + 16):]
+                if any(s in text for s in stop):
+                    stats.finish_reason = "stop"
+                    break
+            if len(generated) < max_new_tokens:
+                if params.repetition_penalty != 1.0:
+                    history = np.append(history, token)
+                logits = model.feed([token])[0]
+                stats.fed.append(token)
+    finally:
+        stats.finish_reason = stats.finish_reason or "length"
+        stats.decode_seconds = time.perf_counter() - started
+
+
+def text_stream(tokenizer, ids: Iterable[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
+    """Text pieces of a token stream: never a partial UTF-8 character, never any part of a stop
+    string (the text ends just before the first stop string)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""  # text held back because it might begin a stop string
+    for token in ids:
+        pending += decoder.decode(tokenizer.decode_bytes([token]))
+        if stop:
+            hits = [pending.find(s) for s in stop if s in pending]
+            if hits:
+                cut = min(hits)
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+            ready, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        else:
+            ready, pending = pending, ""
+        if ready:
+            yield ready
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending
