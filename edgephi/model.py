@@ -110,7 +110,9 @@ class Model:
         cache.next_pos = end
 
     def feed(self, tokens, *, cache: KVCache | None = None, all_logits: bool = False) -> np.ndarray:
-        """Append tokens to the cache; returns logits (len(tokens), V) or (1, V) of the last one."""
+        """Append tokens to the cache; returns logits (len(tokens), V) or (1, V) of the last one.
+        The (1, V) result is a buffer reused by the next step (no allocation per token): copy it
+        to keep it."""
         cache = self.cache if cache is None else cache
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 1 or len(tokens) == 0:

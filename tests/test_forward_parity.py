@@ -1,0 +1,115 @@
+"""The runtime's logits against transformers on the same weights: every Phi feature in float32,
+LongRoPE across its switch, prefill + decode, quantized weights, and the real SmolLM2 model."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+
+import edgephi
+from convert import convert
+from tests.fixtures import VARIANTS
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(ours, ref):
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.fixture(scope="module")
+def float_models(checkpoint_factory, tmp_path_factory):
+    """variant -> (edgephi model with float32 KV, transformers model), converted at f32."""
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            src = checkpoint_factory(variant, "float32")
+            out = tmp_path_factory.mktemp(variant) / "m"
+            convert(src, out, quant="f32", embed_quant="f32")
+            ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+            built[variant] = (edgephi.load(out, kv_dtype="float32"), ref)
+        return built[variant]
+
+    return get
+
+
+def random_ids(n, seed=0, vocab=512):
+    return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float_logits_match_transformers(float_models, variant):
+    model, ref = float_models(variant)
+    ids = random_ids(48)  # longer than phi3_longrope's 32-token switch and phi3_sliding's 8-token window
+    assert rel_err(model.logits(ids), hf_logits(ref, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["phi3_gqa_partial", "phi3_sliding", "llama"])
+def test_prefill_plus_decode_equals_full_sequence(float_models, variant):
+    model, _ = float_models(variant)
+    ids = random_ids(40, seed=1)
+    full = model.logits(ids)
+    model.cache.reset()
+    steps = [model.feed(ids[:25], all_logits=True)]
+    steps += [model.feed([t]).copy() for t in ids[25:]]  # feed() returns a reused buffer
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
+
+
+def test_longrope_decode_across_the_switch_matches_transformers(float_models):
+    """Decoding past original_max_position_embeddings (32 here): each step equals transformers'
+    full-sequence logits, which use the long factors for every position once past the switch."""
+    model, ref = float_models("phi3_longrope")
+    ids = random_ids(44, seed=2)
+    model.cache.reset()
+    model.feed(ids[:28])
+    for n in range(29, 45):
+        ours = model.feed([ids[n - 1]])[0]
+        expected = hf_logits(ref, ids[:n])[-1]
+        assert rel_err(ours, expected) < 1e-4, n
+    assert model.cache.long_rope
+
+
+@pytest.mark.parametrize("quant,ggml", [("q8_0", T.Q8_0), ("q4_0", T.Q4_0), ("q4_1", T.Q4_1)])
+def test_quantized_logits_match_transformers_on_dequantized_weights(checkpoint_factory, tmp_path, quant, ggml):
+    src = checkpoint_factory("phi3_gqa_partial", "float32")
+    convert(src, tmp_path / "m", quant=quant, embed_quant="q8_0")
+    model = edgephi.load(tmp_path / "m", kv_dtype="float32")
+    exact = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():  # the same rounding, done by gguf's reference codecs
+        for name, p in ref.named_parameters():
+            if p.ndim == 2:
+                fmt = T.Q8_0 if "embed" in name or "lm_head" in name else ggml
+                p.copy_(torch.from_numpy(gguf_quants.dequantize(gguf_quants.quantize(p.numpy(), fmt), fmt)))
+    ids = random_ids(40, seed=3)
+    ours, expected, unquantized = model.logits(ids), hf_logits(ref, ids), hf_logits(exact, ids)
+    quantization_error = rel_err(expected, unquantized)
+    assert rel_err(ours, expected) < 1e-4 < quantization_error / 10
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "m"
+    convert(smollm2_gguf, out, quant=None)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                            dtype=torch.float32).eval()
+    return edgephi.load(out), ref
+
+
+def test_smollm2_matches_transformers(smollm2):
+    model, ref = smollm2
+    ids = model.tokenizer.encode("<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n"
+                                 "<|im_start|>assistant\n", allow_special=True)
+    assert rel_err(model.logits(ids), hf_logits(ref, ids)) < 1e-2
+    ours = list(model.generate_tokens(ids, max_new_tokens=32, ignore_eos=True))
+    theirs = []  # greedy with transformers, never stopping early (as ignore_eos)
+    for _ in range(32):
+        theirs.append(int(np.argmax(hf_logits(ref, ids + theirs)[-1])))
+    assert ours == theirs
