@@ -1,0 +1,66 @@
+"""The ring-buffer KV cache: constant memory for endless generation, sinks and a chat's system
+prompt kept, and attention over the ring equal to attention over the same tokens with a mask."""
+
+import resource
+
+import numpy as np
+import pytest
+
+import edgephi
+from convert import convert
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint_factory, tmp_path_factory):
+    src = checkpoint_factory("llama", "float32")
+    out = tmp_path_factory.mktemp("ring") / "m"
+    convert(src, out, quant="f32", embed_quant="f32")
+    return src, out
+
+
+def test_two_thousand_tokens_through_a_128_slot_ring_in_flat_memory(tiny):
+    model = edgephi.load(tiny[1], context=128)
+    cache_bytes = model.cache.nbytes
+    tokens = model.generate_tokens([5, 6, 7], max_new_tokens=2000, ignore_eos=True, temperature=0.9, seed=0)
+    rss = []
+    for i, _ in enumerate(tokens):
+        if i % 250 == 0:
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert i == 1999
+    assert model.cache.next_pos == 2002  # 3 prompt tokens + 1999 fed (the last sampled is not fed)
+    assert model.cache.nbytes == cache_bytes
+    assert rss[-1] - rss[1] < 20_000  # peak RSS (KiB) grows by less than 20 MB after warm-up
+    assert set(model.cache.slot_pos[:4]) == {0, 1, 2, 3}  # attention sinks are never overwritten
+
+
+def test_ring_attention_equals_masked_attention_in_transformers(tiny):
+    """Once the ring wraps, a token attends to the sinks plus the last C - sinks positions. That
+    is a mask over the full sequence, which transformers applies given a 4-D attention mask."""
+    src, out = tiny
+    C, sinks, n = 24, 4, 40
+    model = edgephi.load(out, context=C, kv_dtype="float32")
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, n)]
+    ours = np.concatenate([model.feed([t]).copy() for t in ids])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    q = torch.arange(n)[:, None]
+    k = torch.arange(n)[None, :]
+    visible = (k <= q) & ((k < sinks) | (k > q - (C - sinks)))
+    mask = torch.where(visible, 0.0, float("-inf"))[None, None]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids]), attention_mask=mask).logits[0].numpy()
+    assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-4
+
+
+def test_chat_keeps_the_system_prompt_when_the_ring_wraps(tiny):
+    model = edgephi.load(tiny[1], context=64)
+    session = model.chat_session(system="You are terse.", max_new_tokens=30, ignore_eos=True)
+    system_ids = session.template.encode(session.messages[:1], add_generation_prompt=False)
+    for turn in range(6):
+        session(f"turn {turn}")
+    assert model.cache.next_pos > 3 * 64
+    tokens, positions, _ = model.cache.cached_tokens()
+    assert list(tokens[:len(system_ids)]) == system_ids
+    assert list(positions[:len(system_ids)]) == list(range(len(system_ids)))
