@@ -97,8 +97,7 @@ class ChatSession:
         elif not hasattr(self, "system"):
             self.system = None
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.model.cache.reset()
-        self._fed: list[int] = []  # every id in the cache, in order (the ring may have dropped some)
+        self._fed: list[int] = []  # every id this session put in the cache, in order
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the assistant's reply to a user message; the reply joins the conversation."""
@@ -106,18 +105,24 @@ class ChatSession:
             raise ValueError("the user message must be a string")
         self.messages.append({"role": "user", "content": text})
         ids = self.template.encode(self.messages, add_generation_prompt=True)
+        cache = self.model.cache
         common = 0
         for a, b in zip(ids, self._fed):
             if a != b:
                 break
             common += 1
-        if common < len(self._fed):  # the template re-rendered history differently: start over
-            self.model.cache.reset()
-            self._fed, common = [], 0
-        if not self._fed and self.system:
+        if cache.owner is not self or cache.next_pos != len(self._fed):
+            common = 0  # another session or generate() used the cache since our last turn
+        if common < len(self._fed) and not (cache.owner is self and cache.truncate(common)):
+            common = 0
+        if common == 0:
+            cache.reset()
+            cache.owner = self
+            self._fed = []
+        if common == 0 and self.system:
             system_ids = self.template.encode(self.messages[:1], add_generation_prompt=False)
-            if ids[:len(system_ids)] == system_ids and len(system_ids) < self.model.cache.capacity // 2:
-                self.model.cache.keep_prefix(len(system_ids))  # the ring never drops the system prompt
+            if ids[:len(system_ids)] == system_ids and len(system_ids) < cache.capacity // 2:
+                cache.keep_prefix(len(system_ids))  # the ring never drops the system prompt
         stats = self.last_stats = GenerationStats()
         tokens = token_stream(self.model, ids[common:], params=self.params, max_new_tokens=self.max_new_tokens,
                               stop=self.stop, ignore_eos=self.ignore_eos, context_ids=self._fed[:common],

@@ -83,12 +83,13 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
                 break
             generated.append(token)
             stats.generated_tokens = len(generated)
-            yield token
-            if stop:
+            if stop:  # decided before yielding: a consumer that stops at the stop string closes us there
                 text = (text + tail.decode(model.tokenizer.decode_bytes([token])))[-(longest_stop + 16):]
                 if any(s in text for s in stop):
                     stats.finish_reason = "stop"
-                    break
+            yield token
+            if stats.finish_reason:
+                break
             if len(generated) < max_new_tokens:
                 if params.repetition_penalty != 1.0:
                     history = np.append(history, token)

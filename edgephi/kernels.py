@@ -234,6 +234,10 @@ def embed_rows(w, tokens, out, lut):
     D = out.shape[1]
     for t in range(tokens.shape[0]):
         r = tokens[t]
+        if fmt == F32 or fmt == F16:  # float rows may have any width
+            for k in range(D):
+                out[t, k] = f[r, k] if fmt == F32 else lut[s[r, k]]
+            continue
         for b in range(D // 32):
             for j in range(32):
                 k = b * 32 + j

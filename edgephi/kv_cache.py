@@ -38,6 +38,7 @@ class KVCache:
         self.next_pos = 0  # absolute position of the next token
         self.keep = self.sinks  # positions [0, keep) are never overwritten
         self.long_rope = False  # which LongRoPE factors the cached keys were rotated with
+        self.owner = None  # the chat session whose conversation the cache holds, if any
 
     def keep_prefix(self, n: int) -> None:
         """Pin the first n positions (a chat's system prompt) so the ring never overwrites them."""
@@ -69,6 +70,16 @@ class KVCache:
         self.slot_token[slots] = tokens
         self.next_pos += len(tokens)
         return positions, slots
+
+    def truncate(self, n: int) -> bool:
+        """Forget positions >= n. False (and nothing changed) when the ring already overwrote
+        some position < n, so the first n tokens are no longer all cached."""
+        wrapped = self.next_pos > self.capacity
+        if n > self.next_pos or (wrapped and n > self.keep):
+            return False
+        self.slot_pos[self.slot_pos >= n] = -1
+        self.next_pos = n
+        return True
 
     def cached_tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, positions, slots) of everything cached, in position order."""

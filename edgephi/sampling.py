@@ -18,17 +18,22 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        def number(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
         checks = [
-            ("temperature", isinstance(self.temperature, (int, float)) and self.temperature >= 0, "a number >= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
-             "a number > 0"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "an integer or None"),
+            ("temperature", number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", integer(self.top_k) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", number(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", number(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+            ("seed", self.seed is None or integer(self.seed), "an integer or None"),
         ]
         for name, ok, want in checks:
-            if not ok or (isinstance(getattr(self, name), float) and math.isnan(getattr(self, name))):
+            if not ok:
                 raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
 

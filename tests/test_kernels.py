@@ -130,9 +130,6 @@ def test_embed_rows_is_dequantized_rows(name):
     assert np.array_equal(out, dequantize(planes, FORMATS[name])[tokens])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG edgephi/kernels.py embed_rows: loops `for b in range(D // 32)`, "
-                                       "so a float (f32/f16) embedding with D % 32 != 0 leaves the last "
-                                       "D % 32 columns unwritten")
 @pytest.mark.parametrize("name", ["f32", "f16"])
 def test_embed_rows_float_formats_any_width(name):
     """Float embeddings have no block-of-32 constraint (the converter accepts f16/f32 for any shape)."""

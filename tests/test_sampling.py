@@ -104,6 +104,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, want):
     assert np.array_equal(out[list(want)], LOGITS[list(want)])
 
 
+def test_top_p_at_exact_boundaries():
+    """Probabilities that are exact binary fractions: a set whose mass equals p reaches p."""
+    logits = np.log(np.array([0.125, 0.5, 0.125, 0.25]))
+    assert kept(filter_top_p(logits, 0.5)) == {1}
+    assert kept(filter_top_p(logits, 0.75)) == {1, 3}
+    out = kept(filter_top_p(logits, 0.875))  # tokens 0 and 2 tie: either completes the set
+    assert len(out) == 3 and {1, 3} < out
+
+
 def test_top_p_matches_brute_force_definition():
     """The kept set is the smallest prefix (by probability) whose mass reaches p, checked on
     random distributions away from exact ties with p."""
