@@ -2,8 +2,9 @@
 
     python benchmarks/compare_llamacpp.py GGUF [--threads 2] [--prompt-tokens 512] [--gen-tokens 128]
 
-llama-bench's convention: prefill of a P-token prompt in one go, then G single-token decode steps;
-tokenization and sampling are excluded. The GGUF is converted losslessly into a temporary
+llama-bench's convention: pp = prefill of a P-token prompt in one go; tg = G single-token decode
+steps from an empty context; also tg after the prompt (decode at a context of P tokens).
+Tokenization and sampling are excluded. The GGUF is converted losslessly into a temporary
 edgephi folder first. Needs llama-cpp-python (a test dependency).
 """
 
@@ -21,26 +22,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def edgephi_run(model, prompt, gen):
-    model.cache.reset()
+def timed_run(reset, feed, prompt, gen):
+    """(pp tok/s, tg tok/s from an empty context, tg tok/s after the prompt)."""
+    reset()
     t0 = time.perf_counter()
-    model.feed(prompt)
-    t1 = time.perf_counter()
     for tok in gen:
-        model.feed([tok])
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), len(gen) / (t2 - t1)
-
-
-def llamacpp_run(llm, prompt, gen):
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
+        feed([tok])
     t1 = time.perf_counter()
-    for tok in gen:
-        llm.eval([tok])
+    reset()
     t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), len(gen) / (t2 - t1)
+    feed(prompt)
+    t3 = time.perf_counter()
+    for tok in gen:
+        feed([tok])
+    t4 = time.perf_counter()
+    return len(prompt) / (t3 - t2), len(gen) / (t1 - t0), len(gen) / (t4 - t3)
 
 
 def main() -> None:
@@ -67,20 +63,21 @@ def main() -> None:
         vocab = min(model.config.vocab_size, llm.n_vocab())
         prompt = [int(t) for t in rng.integers(100, vocab, args.prompt_tokens)]
         gen = [int(t) for t in rng.integers(100, vocab, args.gen_tokens)]
-        edgephi_run(model, prompt[:64], gen[:8])  # compile / warm up both
-        llamacpp_run(llm, prompt[:64], gen[:8])
-        results = {"edgephi": [], "llama.cpp": []}
+        runners = {"edgephi": (model.cache.reset, model.feed), "llama.cpp": (llm.reset, llm.eval)}
+        for reset, feed in runners.values():  # compile / warm up both
+            timed_run(reset, feed, prompt[:64], gen[:8])
+        results = {k: [] for k in runners}
         for _ in range(args.repetitions):
-            results["edgephi"].append(edgephi_run(model, prompt, gen))
-            results["llama.cpp"].append(llamacpp_run(llm, prompt, gen))
-    med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in results.items()}
-    print(f"{args.gguf.name}, {args.threads} threads, pp{args.prompt_tokens} / tg{args.gen_tokens}, "
-          f"median of {args.repetitions} alternating runs")
-    print(f"{'':12} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for k, (p, d) in med.items():
-        print(f"{k:12} {p:14.1f} {d:13.1f}")
-    (pe, de), (pl, dl) = med["edgephi"], med["llama.cpp"]
-    print(f"{'ratio':12} {pe / pl:13.2f}x {de / dl:12.2f}x")
+            for k, (reset, feed) in runners.items():
+                results[k].append(timed_run(reset, feed, prompt, gen))
+    med = {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()}
+    P, G = args.prompt_tokens, args.gen_tokens
+    print(f"{args.gguf.name}, {args.threads} threads, median of {args.repetitions} alternating runs (tok/s)")
+    print(f"{'':12} {f'pp{P}':>10} {f'tg{G}':>10} {f'tg{G}@{P}':>12}")
+    for k, row in med.items():
+        print(f"{k:12} {row[0]:10.1f} {row[1]:10.1f} {row[2]:12.1f}")
+    ratios = [e / l for e, l in zip(med["edgephi"], med["llama.cpp"])]
+    print(f"{'ratio':12} {ratios[0]:9.2f}x {ratios[1]:9.2f}x {ratios[2]:11.2f}x")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,15 @@ class Workspace:
         self.act = np.zeros((T, F), f32)
         self.scores = np.zeros((T * H, capacity), f32)
         self.logits = np.zeros((logits_rows, cfg.vocab_size), f32)
+        self._views: dict[int, tuple] = {}
 
     def buffers(self, n: int):
-        """Views for a step of n <= T tokens."""
+        """Views for a step of n <= T tokens (made once per size: no allocation per step)."""
+        if n not in self._views:
+            self._views[n] = self._make_views(n)
+        return self._views[n]
+
+    def _make_views(self, n: int):
         return (self.x[:n], self.xn[:n], self.qkv[:n], self.attn[:n], self.tmp[:n], self.gate_up[:n],
                 self.act[:n], self.scores[:n * self.H])
 
@@ -38,29 +44,29 @@ class Workspace:
 @njit(cache=True)
 def forward(tokens, positions, slots, n_slots, shape, eps, inv_freq, attention_factor, window,
             embed, output, final_norm, attn_norms, ffn_norms, qkv_w, o_w, gate_up_w, down_w,
-            k_cache, v_cache, slot_pos, lut, x, xn, qkv, attn, tmp, gate_up, act, scores, logits, all_logits):
+            k_cache, v_cache, slot_pos, x, xn, qkv, attn, tmp, gate_up, act, scores, logits, all_logits):
     """Run T new tokens (at `positions`, cached into `slots`) through the model.
     shape = (H, Hk, Dh, R); k_cache/v_cache (L, C, Hk * Dh) f16 bits; logits (T or 1, V)."""
     H, Hk, Dh, R = shape
     T = tokens.shape[0]
-    embed_rows(embed, tokens, x, lut)
+    embed_rows(embed, tokens, x)
     for layer in range(len(qkv_w)):
         rmsnorm(x, attn_norms[layer], eps, xn)
-        linear(qkv_w[layer], xn, qkv, lut)
+        linear(qkv_w[layer], xn, qkv)
         rope(qkv, positions, inv_freq, attention_factor, H, Hk, Dh, R)
         store_kv(qkv, slots, k_cache[layer], v_cache[layer], H, Hk, Dh)
-        attention(qkv, positions, k_cache[layer], v_cache[layer], slot_pos, n_slots, window, H, Hk, Dh, lut,
+        attention(qkv, positions, k_cache[layer], v_cache[layer], slot_pos, n_slots, window, H, Hk, Dh,
                   scores, attn)
-        linear(o_w[layer], attn, tmp, lut)
+        linear(o_w[layer], attn, tmp)
         add_into(x, tmp)
         rmsnorm(x, ffn_norms[layer], eps, xn)
-        linear(gate_up_w[layer], xn, gate_up, lut)
+        linear(gate_up_w[layer], xn, gate_up)
         silu_mul(gate_up, act)
-        linear(down_w[layer], act, tmp, lut)
+        linear(down_w[layer], act, tmp)
         add_into(x, tmp)
     if all_logits:
         rmsnorm(x, final_norm, eps, xn)
-        linear(output, xn, logits, lut)
+        linear(output, xn, logits)
     else:
         rmsnorm(x[T - 1:], final_norm, eps, xn[:1])
-        linear(output, xn[:1], logits, lut)
+        linear(output, xn[:1], logits)

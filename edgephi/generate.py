@@ -93,7 +93,7 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
             if len(generated) < max_new_tokens:
                 if params.repetition_penalty != 1.0:
                     history = np.append(history, token)
-                logits = model.feed([token])[0]
+                logits = model.step(token)[0]
                 stats.fed.append(token)
     finally:
         stats.finish_reason = stats.finish_reason or "length"

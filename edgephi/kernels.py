@@ -6,7 +6,7 @@ A linear weight is the tuple (fmt, qs, s, m, f):
   s    uint16 [N, K/32] f16 bits of block scales (q4/q8), or [N, K] f16 weights (f16)
   m    uint16 [N, K/32] f16 bits of q4_1 block minimums, else empty
   f    float32 [N, K] (f32), else empty
-numba cannot load float16, so f16 values travel as uint16 bits and widen through a table.
+numba has no float16 type, so f16 values travel as uint16 bits and widen with f16_to_f32.
 """
 
 from __future__ import annotations
@@ -14,43 +14,29 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from . import jit_cache  # noqa: F401  (sets numba's cache folder before any kernel compiles)
 
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)  # (65536,)
 
 
-@njit(cache=True)
-def f32_bits_to_f16_bits(bits32):
-    """IEEE float32 bits -> float16 bits, round to nearest even (what numpy's astype does)."""
-    bits = np.int64(bits32)
-    sign = (bits >> 16) & 0x8000
-    exp = (bits >> 23) & 0xFF
-    mant = bits & 0x7FFFFF
-    if exp == 0xFF:  # inf or nan
-        return np.uint16(sign | 0x7C00 | (0x200 if mant else 0))
-    e = exp - 127 + 15
-    if e >= 31:
-        return np.uint16(sign | 0x7C00)
-    if e <= 0:  # subnormal half (or zero)
-        if e < -10:
-            return np.uint16(sign)
-        mant = mant | 0x800000
-        shift = 14 - e
-        half = mant >> shift
-        rem = mant & ((1 << shift) - 1)
-        mid = 1 << (shift - 1)
-        if rem > mid or (rem == mid and (half & 1)):
-            half += 1
-        return np.uint16(sign | half)
-    half = (e << 10) | (mant >> 13)
-    rem = mant & 0x1FFF
-    if rem > 0x1000 or (rem == 0x1000 and (half & 1)):
-        half += 1  # may carry into the exponent, which is still right
-    return np.uint16(sign | half)
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """float16 bits (uint16) -> float32: LLVM's fpext, one vcvtph2ps per 8 or 16 values on x86."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, value):
+    """float32 -> float16 bits, rounding to nearest even (as numpy's astype)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
 
 
 @njit(cache=True, fastmath=True)
@@ -65,7 +51,7 @@ def _q4_block_dot(qs, n, b, x):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q4(qs, d, m, has_min, x, out, lut):
+def _matvec_q4(qs, d, m, has_min, x, out):
     """out[n] = W[n] . x for q4_0 (values q - 8) or q4_1 (has_min: q * d + m).
     Four rows share each load of x; low and high nibbles run as two 16-wide loops, which LLVM
     vectorises (measured 4x faster than one row at a time); the block sums of x fold in the
@@ -98,16 +84,16 @@ def _matvec_q4(qs, d, m, has_min, x, out, lut):
                     p3 += np.float32(qs[n + 3, b * 16 + j] >> np.uint8(4)) * xb
                 if has_min:
                     xs = xsum[b]
-                    a0 += lut[d[n, b]] * p0 + lut[m[n, b]] * xs
-                    a1 += lut[d[n + 1, b]] * p1 + lut[m[n + 1, b]] * xs
-                    a2 += lut[d[n + 2, b]] * p2 + lut[m[n + 2, b]] * xs
-                    a3 += lut[d[n + 3, b]] * p3 + lut[m[n + 3, b]] * xs
+                    a0 += f16_to_f32(d[n, b]) * p0 + f16_to_f32(m[n, b]) * xs
+                    a1 += f16_to_f32(d[n + 1, b]) * p1 + f16_to_f32(m[n + 1, b]) * xs
+                    a2 += f16_to_f32(d[n + 2, b]) * p2 + f16_to_f32(m[n + 2, b]) * xs
+                    a3 += f16_to_f32(d[n + 3, b]) * p3 + f16_to_f32(m[n + 3, b]) * xs
                 else:
                     xs = np.float32(8.0) * xsum[b]
-                    a0 += lut[d[n, b]] * (p0 - xs)
-                    a1 += lut[d[n + 1, b]] * (p1 - xs)
-                    a2 += lut[d[n + 2, b]] * (p2 - xs)
-                    a3 += lut[d[n + 3, b]] * (p3 - xs)
+                    a0 += f16_to_f32(d[n, b]) * (p0 - xs)
+                    a1 += f16_to_f32(d[n + 1, b]) * (p1 - xs)
+                    a2 += f16_to_f32(d[n + 2, b]) * (p2 - xs)
+                    a3 += f16_to_f32(d[n + 3, b]) * (p3 - xs)
             out[n], out[n + 1], out[n + 2], out[n + 3] = a0, a1, a2, a3
         else:
             for r in range(n, N):
@@ -115,9 +101,9 @@ def _matvec_q4(qs, d, m, has_min, x, out, lut):
                 for b in range(nb):
                     part = _q4_block_dot(qs, r, b, x)
                     if has_min:
-                        acc += lut[d[r, b]] * part + lut[m[r, b]] * xsum[b]
+                        acc += f16_to_f32(d[r, b]) * part + f16_to_f32(m[r, b]) * xsum[b]
                     else:
-                        acc += lut[d[r, b]] * (part - np.float32(8.0) * xsum[b])
+                        acc += f16_to_f32(d[r, b]) * (part - np.float32(8.0) * xsum[b])
                 out[r] = acc
 
 
@@ -130,7 +116,7 @@ def _q8_block_dot(q, n, b, x):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q8(qs, d, x, out, lut):
+def _matvec_q8(qs, d, x, out):
     """out[n] = W[n] . x for q8_0, four rows per step as in _matvec_q4."""
     N = out.shape[0]
     nb = x.shape[0] // 32
@@ -147,21 +133,21 @@ def _matvec_q8(qs, d, x, out, lut):
                     p1 += np.float32(q[n + 1, b * 32 + j]) * xv
                     p2 += np.float32(q[n + 2, b * 32 + j]) * xv
                     p3 += np.float32(q[n + 3, b * 32 + j]) * xv
-                a0 += lut[d[n, b]] * p0
-                a1 += lut[d[n + 1, b]] * p1
-                a2 += lut[d[n + 2, b]] * p2
-                a3 += lut[d[n + 3, b]] * p3
+                a0 += f16_to_f32(d[n, b]) * p0
+                a1 += f16_to_f32(d[n + 1, b]) * p1
+                a2 += f16_to_f32(d[n + 2, b]) * p2
+                a3 += f16_to_f32(d[n + 3, b]) * p3
             out[n], out[n + 1], out[n + 2], out[n + 3] = a0, a1, a2, a3
         else:
             for r in range(n, N):
                 acc = np.float32(0.0)
                 for b in range(nb):
-                    acc += lut[d[r, b]] * _q8_block_dot(q, r, b, x)
+                    acc += f16_to_f32(d[r, b]) * _q8_block_dot(q, r, b, x)
                 out[r] = acc
 
 
 @njit(cache=True, fastmath=True)
-def _dequantize_row(fmt, qs, s, m, f, n, row, lut):
+def _dequantize_row(fmt, qs, s, m, f, n, row):
     """row[:] = W[n, :] as float32."""
     K = row.shape[0]
     if fmt == F32:
@@ -169,16 +155,16 @@ def _dequantize_row(fmt, qs, s, m, f, n, row, lut):
             row[k] = f[n, k]
     elif fmt == F16:
         for k in range(K):
-            row[k] = lut[s[n, k]]
+            row[k] = f16_to_f32(s[n, k])
     elif fmt == Q8_0:
         for b in range(K // 32):
-            scale = lut[s[n, b]]
+            scale = f16_to_f32(s[n, b])
             for j in range(32):
                 row[b * 32 + j] = np.float32(np.int8(qs[n, b * 32 + j])) * scale
     else:
         for b in range(K // 32):
-            scale = lut[s[n, b]]
-            low = lut[m[n, b]] if fmt == Q4_1 else np.float32(-8.0) * scale
+            scale = f16_to_f32(s[n, b])
+            low = f16_to_f32(m[n, b]) if fmt == Q4_1 else np.float32(-8.0) * scale
             for j in range(16):
                 byte = qs[n, b * 16 + j]
                 row[b * 32 + j] = np.float32(byte & 15) * scale + low
@@ -186,12 +172,12 @@ def _dequantize_row(fmt, qs, s, m, f, n, row, lut):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _matmul(fmt, qs, s, m, f, x, out, lut):
+def _matmul(fmt, qs, s, m, f, x, out):
     """out (T, N) = x (T, K) @ W.T: each row of W is widened once, then used for all T tokens."""
     T, K = x.shape
     for n in prange(out.shape[1]):
         row = np.empty(K, np.float32)
-        _dequantize_row(fmt, qs, s, m, f, n, row, lut)
+        _dequantize_row(fmt, qs, s, m, f, n, row)
         for t in range(T):
             acc = np.float32(0.0)
             for k in range(K):
@@ -200,7 +186,7 @@ def _matmul(fmt, qs, s, m, f, x, out, lut):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _matvec_float(fmt, s, f, x, out, lut):
+def _matvec_float(fmt, s, f, x, out):
     K = x.shape[0]
     for n in prange(out.shape[0]):
         acc = np.float32(0.0)
@@ -209,26 +195,26 @@ def _matvec_float(fmt, s, f, x, out, lut):
                 acc += f[n, k] * x[k]
         else:
             for k in range(K):
-                acc += lut[s[n, k]] * x[k]
+                acc += f16_to_f32(s[n, k]) * x[k]
         out[n] = acc
 
 
 @njit(cache=True)
-def linear(w, x, out, lut):
+def linear(w, x, out):
     """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32."""
     fmt, qs, s, m, f = w
     if x.shape[0] > 1:
-        _matmul(fmt, qs, s, m, f, x, out, lut)
+        _matmul(fmt, qs, s, m, f, x, out)
     elif fmt == Q4_0 or fmt == Q4_1:
-        _matvec_q4(qs, s, m, fmt == Q4_1, x[0], out[0], lut)
+        _matvec_q4(qs, s, m, fmt == Q4_1, x[0], out[0])
     elif fmt == Q8_0:
-        _matvec_q8(qs, s, x[0], out[0], lut)
+        _matvec_q8(qs, s, x[0], out[0])
     else:
-        _matvec_float(fmt, s, f, x[0], out[0], lut)
+        _matvec_float(fmt, s, f, x[0], out[0])
 
 
 @njit(cache=True)
-def embed_rows(w, tokens, out, lut):
+def embed_rows(w, tokens, out):
     """out[t] = row tokens[t] of the embedding matrix, dequantized."""
     fmt, qs, s, m, f = w
     D = out.shape[1]
@@ -236,7 +222,7 @@ def embed_rows(w, tokens, out, lut):
         r = tokens[t]
         if fmt == F32 or fmt == F16:  # float rows may have any width
             for k in range(D):
-                out[t, k] = f[r, k] if fmt == F32 else lut[s[r, k]]
+                out[t, k] = f[r, k] if fmt == F32 else f16_to_f32(s[r, k])
             continue
         for b in range(D // 32):
             for j in range(32):
@@ -244,16 +230,16 @@ def embed_rows(w, tokens, out, lut):
                 if fmt == F32:
                     v = f[r, k]
                 elif fmt == F16:
-                    v = lut[s[r, k]]
+                    v = f16_to_f32(s[r, k])
                 elif fmt == Q8_0:
-                    v = np.float32(np.int8(qs[r, k])) * lut[s[r, b]]
+                    v = np.float32(np.int8(qs[r, k])) * f16_to_f32(s[r, b])
                 else:
                     byte = qs[r, b * 16 + (j % 16)]
                     q = np.float32(byte & 15) if j < 16 else np.float32(byte >> 4)
                     if fmt == Q4_0:
-                        v = (q - np.float32(8.0)) * lut[s[r, b]]
+                        v = (q - np.float32(8.0)) * f16_to_f32(s[r, b])
                     else:
-                        v = q * lut[s[r, b]] + lut[m[r, b]]
+                        v = q * f16_to_f32(s[r, b]) + f16_to_f32(m[r, b])
                 out[t, k] = v
 
 
@@ -289,31 +275,26 @@ def rope(qkv, positions, inv_freq, attention_factor, n_heads, n_kv_heads, head_d
                 qkv[t, base + half + i] = b * c + a * sn
 
 
-def kv_load(cache, s, j, lut):
-    """cache[s, j] as float32; the KV cache holds float16 bits (uint16) or float32."""
+def widen(value):
+    """A KV cache element as float32: the cache holds float16 bits (uint16) or float32."""
 
 
-def kv_store(cache, s, j, value, bits):
-    """cache[s, j] = value; bits is value's float32 bit pattern (for the float16 cache)."""
+def narrow(value, like):
+    """A float32 value in the element type of the cache `like`."""
 
 
-@overload(kv_load)
-def _kv_load(cache, s, j, lut):
-    if cache.dtype == types.uint16:
-        return lambda cache, s, j, lut: lut[cache[s, j]]
-    return lambda cache, s, j, lut: cache[s, j]
+@overload(widen)
+def _widen(value):
+    if value == types.uint16:
+        return lambda value: f16_to_f32(value)
+    return lambda value: value
 
 
-@overload(kv_store)
-def _kv_store(cache, s, j, value, bits):
-    if cache.dtype == types.uint16:
-        def store_f16(cache, s, j, value, bits):
-            cache[s, j] = f32_bits_to_f16_bits(bits)
-        return store_f16
-
-    def store_f32(cache, s, j, value, bits):
-        cache[s, j] = value
-    return store_f32
+@overload(narrow)
+def _narrow(value, like):
+    if like.dtype == types.uint16:
+        return lambda value, like: f32_to_f16(value)
+    return lambda value, like: value
 
 
 @njit(cache=True)
@@ -321,55 +302,62 @@ def store_kv(qkv, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
     """Write the new tokens' k and v into cache slots. k_cache (C, Hk * Dh) f16 bits or float32."""
     q_width = n_heads * head_dim
     kv_width = n_kv_heads * head_dim
-    bits = qkv.view(np.uint32)
     for t in range(qkv.shape[0]):
         s = slots[t]
         for j in range(kv_width):
-            kv_store(k_cache, s, j, qkv[t, q_width + j], bits[t, q_width + j])
-            kv_store(v_cache, s, j, qkv[t, q_width + kv_width + j], bits[t, q_width + kv_width + j])
+            k_cache[s, j] = narrow(qkv[t, q_width + j], k_cache)
+            v_cache[s, j] = narrow(qkv[t, q_width + kv_width + j], v_cache)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, fastmath=True)
+def _dot(q, k):
+    acc = np.float32(0.0)
+    for j in range(q.shape[0]):
+        acc += q[j] * widen(k[j])
+    return acc
+
+
+@njit(cache=True, fastmath=True)
+def _axpy(w, v, out):
+    for j in range(out.shape[0]):
+        out[j] += w * widen(v[j])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
 def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_heads, n_kv_heads, head_dim,
-              lut, scores, out):
+              scores, out):
     """Causal attention of each new token over the cache slots holding earlier-or-equal positions
-    (and, with a sliding window > 0, positions > pos - window).
-    scores (T * H, C) scratch; out (T, H * Dh)."""
+    (and, with a sliding window > 0, positions > pos - window), one (token, head) per task.
+    scores (T * H, C) scratch; out (T, H * Dh). Rows are taken as slices: LLVM vectorises the
+    dot and axpy loops over them (with float16 widened by vcvtph2ps), unlike 2-D indexing here."""
     T = qkv.shape[0]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for th in prange(T * n_heads):
         t = th // n_heads
         h = th % n_heads
-        kvh = h // group
         pos = positions[t]
-        qbase = h * head_dim
-        kbase = kvh * head_dim
+        q = qkv[t, h * head_dim:(h + 1) * head_dim]
+        kv = (h // group) * head_dim
+        row = scores[th]
         best = np.float32(-np.inf)
         for s in range(n_slots):
             p = slot_pos[s]
             if p < 0 or p > pos or (window > 0 and p <= pos - window):
-                scores[th, s] = -np.inf
-                continue
-            acc = np.float32(0.0)
-            for j in range(head_dim):
-                acc += qkv[t, qbase + j] * kv_load(k_cache, s, kbase + j, lut)
-            acc *= scale
-            scores[th, s] = acc
-            if acc > best:
-                best = acc
+                row[s] = -np.inf
+            else:
+                row[s] = _dot(q, k_cache[s, kv:kv + head_dim]) * scale
+                best = max(best, row[s])
         total = np.float32(0.0)
         for s in range(n_slots):
-            e = np.float32(math.exp(scores[th, s] - best)) if scores[th, s] != -np.inf else np.float32(0.0)
-            scores[th, s] = e
-            total += e
-        for j in range(head_dim):
-            out[t, qbase + j] = 0.0
+            row[s] = np.float32(math.exp(row[s] - best))
+            total += row[s]
+        o = out[t, h * head_dim:(h + 1) * head_dim]
+        o[:] = 0.0
+        inv = np.float32(1.0) / total
         for s in range(n_slots):
-            wgt = scores[th, s] / total
-            if wgt != 0.0:
-                for j in range(head_dim):
-                    out[t, qbase + j] += wgt * kv_load(v_cache, s, kbase + j, lut)
+            if row[s] != 0.0:
+                _axpy(row[s] * inv, v_cache[s, kv:kv + head_dim], o)
 
 
 @njit(cache=True)

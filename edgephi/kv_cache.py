@@ -26,6 +26,8 @@ class KVCache:
         self.v = np.zeros_like(self.k)
         self.slot_pos = np.full(capacity, -1, np.int64)  # absolute position held by each slot
         self.slot_token = np.full(capacity, -1, np.int64)  # its token id (to recompute, e.g. LongRoPE)
+        self._one_pos = np.zeros(1, np.int64)
+        self._one_slot = np.zeros(1, np.int64)
         self.reset()
 
     @property
@@ -63,7 +65,15 @@ class KVCache:
         return np.where(positions < self.keep, positions, self.keep + (positions - self.keep) % ring)
 
     def append(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Claim slots for the next len(tokens) positions: returns (positions, slots)."""
+        """Claim slots for the next len(tokens) positions: returns (positions, slots).
+        A single token (the decode step) reuses two preallocated arrays."""
+        if len(tokens) == 1:
+            pos = self.next_pos
+            slot = pos if pos < self.keep else self.keep + (pos - self.keep) % (self.capacity - self.keep)
+            self._one_pos[0], self._one_slot[0] = pos, slot
+            self.slot_pos[slot], self.slot_token[slot] = pos, tokens[0]
+            self.next_pos += 1
+            return self._one_pos, self._one_slot
         positions = np.arange(self.next_pos, self.next_pos + len(tokens), dtype=np.int64)
         slots = self.slot_of(positions).astype(np.int64)
         self.slot_pos[slots] = positions

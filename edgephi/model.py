@@ -14,7 +14,6 @@ from .errors import EdgephiError, ModelFormatError
 from .format import GENERATION_FILE, ModelConfig, read_config
 from .forward import Workspace, forward
 from .generate import GenerationStats, check_max_new_tokens, check_stop, text_stream, token_stream
-from .kernels import F16_TO_F32
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -63,6 +62,7 @@ class Model:
         self._attention_factor = np.float32(scaling.attention_factor if scaling else 1.0)
         self._shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim)
         self._decode_ws = Workspace(cfg, 1, context, 1)
+        self._token1 = np.zeros(1, np.int64)
         self._chunk_ws: Workspace | None = None
 
     # -- stepping -------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class Model:
         logits = ws.logits[:n] if all_logits else ws.logits[:1]
         forward(tokens, positions, slots, cache.n_slots, self._shape, np.float32(cfg.rms_norm_eps), inv_freq,
                 self._attention_factor, cfg.sliding_window or 0, w.embed, w.output, w.norm, w.attn_norms,
-                w.ffn_norms, w.qkv, w.o, w.gate_up, w.down, cache.k, cache.v, cache.slot_pos, F16_TO_F32,
+                w.ffn_norms, w.qkv, w.o, w.gate_up, w.down, cache.k, cache.v, cache.slot_pos,
                 *ws.buffers(n), logits, all_logits)
         return logits
 
@@ -122,13 +122,23 @@ class Model:
         if not cache.long_rope and self._uses_long_rope(cache.next_pos + len(tokens) - 1):
             self._switch_to_long_rope(cache)
         if len(tokens) == 1 and not all_logits and cache is self.cache:
-            return self._run(cache, tokens, self._decode_ws, False)
+            return self._run(cache, tokens, self._decode_ws, False)  # the decode step allocates nothing
         ws = self._chunk_workspace(cache, all_logits)
         parts = []
         for start in range(0, len(tokens), ws.T):
             out = self._run(cache, tokens[start:start + ws.T], ws, all_logits)
             parts.append(out.copy() if all_logits else out)
         return np.concatenate(parts) if all_logits else parts[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        """feed([token]) without the per-call conversions: the decode loop's hot path."""
+        if not 0 <= token < self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        cache = self.cache
+        if not cache.long_rope and self._uses_long_rope(cache.next_pos):
+            self._switch_to_long_rope(cache)
+        self._token1[0] = token
+        return self._run(cache, self._token1, self._decode_ws, False)
 
     def logits(self, ids) -> np.ndarray:
         """float32 (len(ids), V) logits of `ids` in a fresh context (the model's cache is untouched)."""

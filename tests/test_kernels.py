@@ -15,12 +15,10 @@ from gguf import quants as gguf_quants
 from numba import njit
 
 from edgephi import kernels
-from edgephi.kernels import F16_TO_F32
 from edgephi.quant import FORMATS, dequantize, quantize
 
 FORMAT_NAMES = ["f32", "f16", "q4_0", "q4_1", "q8_0"]
 GGML = {"q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q8_0": GT.Q8_0}
-LUT = F16_TO_F32
 
 
 def ro(a):
@@ -52,13 +50,21 @@ def random_matrix(rng, rows, cols):
     return w * np.exp(rng.uniform(-1.5, 1.5, (rows, 1))).astype(np.float32)
 
 
-def test_lut_is_numpy_float16():
+@njit(cache=False)
+def _widen_all(bits):
+    out = np.empty(bits.shape[0], np.float32)
+    for i in range(bits.shape[0]):
+        out[i] = kernels.f16_to_f32(bits[i])
+    return out
+
+
+def test_f16_to_f32_matches_numpy_for_every_bit_pattern():
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
     want = bits.view(np.float16).astype(np.float32)
+    got = _widen_all(bits)
     finite = ~np.isnan(want)
-    assert LUT.dtype == np.float32 and LUT.shape == (65536,)
-    assert np.array_equal(LUT[finite], want[finite])
-    assert np.all(np.isnan(LUT[~finite]))
+    assert np.array_equal(got[finite], want[finite])
+    assert np.all(np.isnan(got[~finite]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +81,7 @@ def test_linear_matches_dequantize_then_matmul(name, T, N, K):
     # a nonzero mean makes the per-block sums of x (q4's folded -8 offset and q4_1 minimum) matter
     x = (rng.standard_normal((T, K)) + 0.5).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)  # the kernel must write every element
-    kernels.linear(w, x, out, LUT)
+    kernels.linear(w, x, out)
 
     ref = x.astype(np.float64) @ dequantize(planes, FORMATS[name]).astype(np.float64).T
     assert out.shape == ref.shape
@@ -96,7 +102,7 @@ def test_linear_twin_is_ggufs_dequantize(name):
     # and the decode (T = 1) kernel against gguf's matrix directly
     x = (rng.standard_normal((1, 96)) + 0.5).astype(np.float32)
     out = np.full((1, 37), np.nan, np.float32)
-    kernels.linear(weight_tuple(quantize(w, FORMATS[name]), name), x, out, LUT)
+    kernels.linear(weight_tuple(quantize(w, FORMATS[name]), name), x, out)
     ref = x.astype(np.float64) @ theirs.astype(np.float64).reshape(37, 96).T
     assert np.abs(out - ref).max() <= 1e-5 * np.linalg.norm(ref)
 
@@ -108,10 +114,10 @@ def test_linear_decode_and_prefill_agree_on_a_row():
     w = weight_tuple(planes, "q4_0")
     x = rng.standard_normal((5, 64)).astype(np.float32)
     full = np.zeros((5, 37), np.float32)
-    kernels.linear(w, x, full, LUT)
+    kernels.linear(w, x, full)
     for t in range(5):
         one = np.zeros((1, 37), np.float32)
-        kernels.linear(w, np.ascontiguousarray(x[t:t + 1]), one, LUT)
+        kernels.linear(w, np.ascontiguousarray(x[t:t + 1]), one)
         assert np.allclose(one[0], full[t], rtol=1e-5, atol=1e-5 * np.abs(full[t]).max())
 
 
@@ -126,7 +132,7 @@ def test_embed_rows_is_dequantized_rows(name):
     planes = quantize(random_matrix(rng, V, D), FORMATS[name])
     tokens = np.array([0, 22, 7, 7, 13], np.int64)
     out = np.full((len(tokens), D), np.nan, np.float32)
-    kernels.embed_rows(weight_tuple(planes, name), tokens, out, LUT)
+    kernels.embed_rows(weight_tuple(planes, name), tokens, out)
     assert np.array_equal(out, dequantize(planes, FORMATS[name])[tokens])
 
 
@@ -137,7 +143,7 @@ def test_embed_rows_float_formats_any_width(name):
     planes = quantize(random_matrix(rng, 9, 40), FORMATS[name])
     tokens = np.array([8, 0, 3], np.int64)
     out = np.full((3, 40), np.nan, np.float32)
-    kernels.embed_rows(weight_tuple(planes, name), tokens, out, LUT)
+    kernels.embed_rows(weight_tuple(planes, name), tokens, out)
     assert np.array_equal(out, dequantize(planes, FORMATS[name])[tokens])
 
 
@@ -237,14 +243,14 @@ def test_rope_partial_rotary_and_attention_factor(H, Hk, Dh, R, factor):
 
 
 @njit(cache=False)
-def _convert_all(bits):
-    out = np.empty(bits.shape[0], np.uint16)
-    for i in range(bits.shape[0]):
-        out[i] = kernels.f32_bits_to_f16_bits(bits[i])
+def _convert_all(floats):
+    out = np.empty(floats.shape[0], np.uint16)
+    for i in range(floats.shape[0]):
+        out[i] = kernels.f32_to_f16(floats[i])
     return out
 
 
-def test_f32_bits_to_f16_bits_matches_numpy():
+def test_f32_to_f16_matches_numpy():
     rng = np.random.default_rng(9)
     special = np.array([0.0, -0.0, 1.0, -1.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e9, -1e9, np.inf, -np.inf,
                         2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 2.0 ** -25 * 1.0000001, 2.0 ** -26, 1.5 * 2.0 ** -24,
@@ -268,7 +274,7 @@ def test_f32_bits_to_f16_bits_matches_numpy():
 
     with np.errstate(over="ignore"):
         want = bits.view(np.float32).astype(np.float16).view(np.uint16)
-    got = _convert_all(bits)
+    got = _convert_all(bits.view(np.float32))
     nan = np.isnan(bits.view(np.float32))
     assert np.all(np.isnan(got[nan].view(np.float16)))
     assert np.array_equal(got[nan] & 0x8000, want[nan] & 0x8000)  # sign kept (payloads may differ)
@@ -365,7 +371,7 @@ def test_store_kv_and_attention(kv_dtype, window, H, Hk):
 
     scores = np.full((T * H, C), np.nan, np.float32)
     out = np.full((T, H * Dh), np.nan, np.float32)
-    kernels.attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, H, Hk, Dh, LUT, scores, out)
+    kernels.attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, H, Hk, Dh, scores, out)
 
     ref = attention_reference(q, k_ref, v_ref, slot_pos, positions, n_slots, window, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5), np.abs(out - ref).max()
@@ -386,7 +392,7 @@ def test_attention_masks_make_a_difference():
     scores = np.zeros((H, 4), np.float32)
     out = np.zeros((1, H * Dh), np.float32)
     # position 3 sees slots 0 and 2 (slot 1 holds a later position, slot 3 is empty)
-    kernels.attention(qkv, positions, k, v, slot_pos, 4, 0, H, Hk, Dh, LUT, scores, out)
+    kernels.attention(qkv, positions, k, v, slot_pos, 4, 0, H, Hk, Dh, scores, out)
     ref = attention_reference(qkv[:, :H * Dh].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                               slot_pos, positions, 4, 0, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -394,5 +400,5 @@ def test_attention_masks_make_a_difference():
                                      v.astype(np.float64), np.array([0, 1, 2, 3]), np.array([9]), 4, 0, H, Hk, Dh)
     assert not np.allclose(out, everything, atol=1e-2)
     # a window of 1 leaves only the query's own slot: the output is exactly its v
-    kernels.attention(qkv, positions, k, v, slot_pos, 4, 1, H, Hk, Dh, LUT, scores, out)
+    kernels.attention(qkv, positions, k, v, slot_pos, 4, 1, H, Hk, Dh, scores, out)
     assert np.allclose(out.reshape(H, Dh), v[2][None, :], rtol=1e-6, atol=1e-6)
