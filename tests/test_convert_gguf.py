@@ -82,9 +82,9 @@ def test_requantizing_a_gguf(smollm2_gguf, smollm2, tmp_path):
     assert np.array_equal(requantized["embed"], lossless["embed"])
 
 
-def write_phi3_gguf(checkpoint, path):
+def write_phi3_gguf(checkpoint, path, linear_type=T.Q8_0):
     """A phi3 GGUF written the way llama.cpp's converter (Phi3MiniModel) lays it out: fused
-    attn_qkv and ffn_up, no Q/K permutation, rope factor tensors, Q8_0 linears."""
+    attn_qkv and ffn_up, no Q/K permutation, rope factor tensors, `linear_type` linears."""
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     cfg, sd = model.config, {k: v.numpy() for k, v in model.state_dict().items()}
     rope = cfg.rope_parameters
@@ -114,13 +114,13 @@ def write_phi3_gguf(checkpoint, path):
     w.add_token_types([1] * 256)
     w.add_token_merges([])
 
-    def q8(name, arr):
-        blocks = gguf_quants.quantize(arr, T.Q8_0)
-        w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=T.Q8_0)
+    def q8(name, arr, qtype=linear_type):
+        blocks = gguf_quants.quantize(arr, qtype)
+        w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
 
     w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
     w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
-    q8("token_embd.weight", sd["model.embed_tokens.weight"])
+    q8("token_embd.weight", sd["model.embed_tokens.weight"], T.Q8_0)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
@@ -137,9 +137,10 @@ def write_phi3_gguf(checkpoint, path):
     assert head_dim * cfg.num_attention_heads == cfg.hidden_size
 
 
-def test_phi3_gguf_with_longrope(checkpoint_factory, tmp_path):
+@pytest.mark.parametrize("linear_type", [T.Q8_0, T.Q4_0, T.F16])
+def test_phi3_gguf_with_longrope(checkpoint_factory, tmp_path, linear_type):
     src = checkpoint_factory("phi3_longrope")
-    write_phi3_gguf(src, tmp_path / "phi3.gguf")
+    write_phi3_gguf(src, tmp_path / "phi3.gguf", linear_type)
     convert(tmp_path / "phi3.gguf", tmp_path / "m", quant=None)
     ours_cfg = read_config(tmp_path / "m")
     cfg = transformers.AutoConfig.from_pretrained(src)
@@ -156,5 +157,7 @@ def test_phi3_gguf_with_longrope(checkpoint_factory, tmp_path):
     assert ours_cfg.original_max_position_embeddings == cfg.rope_parameters["original_max_position_embeddings"]
     ours, ref = stored_weights(tmp_path / "m"), reference_weights(src)
     for name, w in ref.items():
-        expected = w if w.ndim == 1 else gguf_quants.dequantize(gguf_quants.quantize(w, T.Q8_0), T.Q8_0)
+        qtype = T.Q8_0 if name == "embed" else linear_type
+        expected = w if w.ndim == 1 else gguf_quants.dequantize(gguf_quants.quantize(w, qtype), qtype)
         assert np.array_equal(ours[name], expected), name
+    assert read_config(tmp_path / "m").tensors["layers.0.qkv"]["format"] == linear_type.name.lower()
