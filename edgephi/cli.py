@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import click
 
@@ -20,7 +23,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EdgephiError as exc:
+        except (EdgephiError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
@@ -84,3 +87,150 @@ def convert(src, out, quant, embed_quant, force):
 
     report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, progress=ProgressBar("converting"))
     print_conversion_report(report)
+
+
+def sampling_options(fn):
+    """The sampling flags shared by chat and generate (defaults as in SamplingParams)."""
+    options = [
+        click.option("-m", "--model", "model_path", default=None,
+                     help="An edgephi model folder [default: SmolLM2-135M-Instruct, fetched once]"),
+        click.option("--max-tokens", type=int, default=512, show_default=True, help="Most tokens per reply"),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the likeliest token"),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k likeliest tokens (0: all)"),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass"),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p x the top one"),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Penalise repeated tokens"),
+        click.option("--seed", type=int, default=None, help="Seed for sampling"),
+        click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]"),
+        click.option("--context", type=int, default=None, help="KV ring capacity in tokens"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def sampling_kwargs(o: dict) -> dict:
+    return {"temperature": o["temperature"], "top_k": o["top_k"], "top_p": o["top_p"], "min_p": o["min_p"],
+            "repetition_penalty": o["repeat_penalty"], "seed": o["seed"]}
+
+
+def open_model(model_path, threads, context):
+    """An edgephi model: the folder given, or the default model (converted into the cache once)."""
+    from . import load
+
+    if model_path is None:
+        from convert.default_model import ensure_default_model
+
+        path = ensure_default_model(lambda line: click.echo(line, err=True), ProgressBar("converting"))
+    else:
+        path = Path(model_path)
+        if not path.exists():
+            raise EdgephiError(f"{path}: no such model folder (convert one with `edgephi convert`)")
+    return load(path, threads=threads, context=context)
+
+
+def print_stats(stats) -> None:
+    click.echo(f"prompt {stats.prompt_tokens} tokens at {stats.prefill_tok_s:.1f} tok/s, reply "
+               f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s ({stats.finish_reason})", err=True)
+
+
+@main.command()
+@sampling_options
+@click.option("--system", default=None, help="System prompt, kept for the whole conversation")
+@user_errors
+def chat(model_path, system, max_tokens, threads, context, **options):
+    """Chat with a model. Commands: /reset, /system TEXT, /stats, /exit. Ctrl-C stops a reply.
+
+    When stdin is not a terminal, each line is one user turn and only the replies are printed."""
+    model = open_model(model_path, threads, context)
+    session = model.chat_session(system=system, max_new_tokens=max_tokens, **sampling_kwargs(options))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"edgephi chat: {model.folder.name} ({model.config.architecture}, context {model.cache.capacity}). "
+                   "/reset /system TEXT /stats /exit", err=True)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+            elif command == "/system":
+                session.reset(system=arg.strip() or None)
+            elif command == "/stats":
+                if session.last_stats:
+                    print_stats(session.last_stats)
+            else:
+                click.echo(f"unknown command {command}; try /reset, /system TEXT, /stats, /exit", err=True)
+            continue
+        try:
+            for piece in session.send(line):
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        click.echo()
+
+
+@main.command()
+@sampling_options
+@click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-text token")
+@click.option("--special", is_flag=True, help="Read special-token text in PROMPT as special tokens")
+@click.option("--stats", "show_stats", is_flag=True, help="Print speed figures to stderr")
+@click.argument("prompt")
+@user_errors
+def generate(model_path, prompt, max_tokens, threads, context, ignore_eos, special, show_stats, **options):
+    """Continue PROMPT (- reads it from stdin), streaming the text."""
+    from .generate import GenerationStats
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model = open_model(model_path, threads, context)
+    stats = GenerationStats()
+    for piece in model.stream(prompt, max_new_tokens=max_tokens, ignore_eos=ignore_eos, special_tokens=special,
+                              stats=stats, **sampling_kwargs(options)):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if show_stats:
+        print_stats(stats)
+
+
+@main.command()
+@click.argument("model_path", required=False)
+@user_errors
+def info(model_path):
+    """Describe a model folder (default: the default model)."""
+    from .format import read_config
+
+    if model_path is None:
+        from convert.default_model import default_model_path
+
+        model_path = default_model_path()
+    path = Path(model_path)
+    if not path.exists():
+        raise EdgephiError(f"{path}: no such model folder")
+    cfg = read_config(path)
+    params = sum(math.prod(t["shape"]) for t in cfg.tensors.values())
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    recipe = Counter(f"{name.rsplit('.', 1)[-1]}={t['format']}" for name, t in cfg.tensors.items())
+    rope = "LongRoPE" if cfg.rope_scaling else "RoPE"
+    click.echo(f"model          {path}")
+    click.echo(f"architecture   {cfg.architecture}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads "
+               f"{cfg.num_heads}/{cfg.num_kv_heads} (kv), head dim {cfg.head_dim}, ffn {cfg.intermediate_size}, "
+               f"vocab {cfg.vocab_size}")
+    click.echo(f"parameters     {params / 1e6:.1f}M")
+    click.echo(f"quantization   {', '.join(sorted(recipe))}")
+    click.echo(f"bytes on disk  {size / 1e6:.1f} MB")
+    click.echo(f"context        {cfg.max_position_embeddings} tokens ({rope}, theta {cfg.rope_theta:g}, rotary dims "
+               f"{cfg.rotary_dim}{', sliding window ' + str(cfg.sliding_window) if cfg.sliding_window else ''})")
+    click.echo(f"KV cache       {cfg.kv_bytes_per_token} bytes per token (float16)")

