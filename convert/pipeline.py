@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+import models
 from edgephi import format as fmt_
 from edgephi.errors import EdgephiError
 from edgephi.quant import FORMATS, QuantFormat, can_quantize, dequantize, plane_key, plane_layout, quantize
@@ -87,17 +88,23 @@ def target_format(t: SourceTensor, quant: str | None, embed_quant: str | None) -
     return f
 
 
-def _generation(source, tokenizer) -> dict:
+def _generation(source, tokenizer, preset=None) -> dict:
     gen = source.generation(tokenizer.special_tokens)
     stops = [i for i in gen["eos_token_ids"] if isinstance(i, int)]
-    stops += [tokenizer.special_tokens[t] for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens]
+    stop_names = END_OF_TURN_TOKENS + (preset.stop_tokens if preset else ())
+    stops += [tokenizer.special_tokens[t] for t in stop_names if t in tokenizer.special_tokens]
+    if preset is not None:
+        gen["chat_template"] = preset.chat_template
     gen["eos_token_ids"] = sorted(set(stops))
     return gen
 
 
 def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", embed_quant: str | None = "q8_0",
-            force: bool = False, progress: Callable[[int, int, str], None] | None = None) -> Report:
-    """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats."""
+            force: bool = False, preset: str | None = None,
+            progress: Callable[[int, int, str], None] | None = None) -> Report:
+    """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats
+    (a Hugging Face checkpoint then gets the preset's recommended quant, else q4_0). preset: a name
+    from models/presets.json whose chat template and stop tokens go into generation.json."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     for q in (quant, embed_quant):
@@ -105,9 +112,13 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
             raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(FORMATS)})")
     if out.exists() and not force:
         raise EdgephiError(f"{out}: already exists (use --force to replace it)")
+    known = models.presets()
+    if preset is not None and preset not in known:
+        raise EdgephiError(f"unknown preset {preset!r} (known: {', '.join(known)})")
+    preset_info = known.get(preset)
     source = open_source(src)
     if quant is None and isinstance(source, HFCheckpoint):
-        quant = "q4_0"
+        quant = preset_info.recommended_quant if preset_info else "q4_0"
     if embed_quant is None and isinstance(source, HFCheckpoint):
         embed_quant = "q8_0"
     tokenizer = source.tokenizer()
@@ -132,7 +143,7 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
         _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress)
         (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
         tokenizer.save(tmp)
-        (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(_generation(source, tokenizer), indent=1) + "\n")
+        (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(_generation(source, tokenizer, preset_info), indent=1) + "\n")
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -79,13 +79,16 @@ def print_conversion_report(report) -> None:
               help="Format of the transformer's linear weights [default: q4_0; a GGUF keeps its own]")
 @click.option("--embed-quant", type=click.Choice(QUANT_CHOICES), default="q8_0", show_default=True,
               help="Format of the token embedding and output matrices")
+@click.option("--preset", default=None, help="A model family from models/presets.json: its chat template, "
+              "stop tokens and recommended quant")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists")
 @user_errors
-def convert(src, out, quant, embed_quant, force):
+def convert(src, out, quant, embed_quant, preset, force):
     """Convert a Hugging Face checkpoint folder or a GGUF file SRC into the edgephi model folder OUT."""
     from convert.pipeline import convert as run  # the runtime never needs the converter's modules
 
-    report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, progress=ProgressBar("converting"))
+    report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, preset=preset,
+                 progress=ProgressBar("converting"))
     print_conversion_report(report)
 
 

@@ -140,3 +140,15 @@ def test_single_file_checkpoint(checkpoint_factory, tmp_path):
     convert(src, tmp_path / "m", quant="f32", embed_quant="f32")
     ours, ref = stored_weights(tmp_path / "m"), reference_weights(src)
     assert all(np.array_equal(ours[k], ref[k]) for k in ref)
+
+
+def test_preset_sets_template_stops_and_quant(checkpoint_factory, tmp_path):
+    import models
+
+    src = checkpoint_factory("phi3_longrope", tokenizer="phi4_mini")
+    report = convert(src, tmp_path / "m", quant=None, preset="phi-4-mini-instruct")
+    gen = json.loads((tmp_path / "m" / "generation.json").read_text())
+    preset = models.presets()["phi-4-mini-instruct"]
+    assert gen["chat_template"] == preset.chat_template
+    assert {200020, 199999} <= set(gen["eos_token_ids"])  # <|end|>, <|endoftext|> at Phi-4-mini's ids
+    assert {t.format for t in report.tensors if t.name.endswith("qkv")} == {preset.recommended_quant}
