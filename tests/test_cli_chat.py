@@ -122,3 +122,47 @@ def test_examples_run(home, tmp_path, smollm2_gguf):
                      "The capital of France is"], home=home, cmd=py)
     assert converted.returncode == 0, converted.stderr
     assert "134.5M parameters" in converted.stdout and (tmp_path / "m" / "weights.safetensors").is_file()
+
+
+def test_ctrl_c_stops_the_reply_not_the_program(home):
+    """In a terminal: Ctrl-C during a reply ends that reply; the next prompt still works."""
+    import pty
+    import select
+    import signal
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the chat on a terminal
+        os.environ.update(EDGEPHI_CACHE=str(home), PYTHONPATH=str(ROOT))
+        os.chdir(ROOT)
+        os.execv(sys.executable, EDGEPHI + ["chat", "--max-tokens", "2000", "--temperature", "0.8", "--seed", "1"])
+    out = b""
+
+    def read_until(marker, seconds):
+        nonlocal out
+        end = time.time() + seconds
+        while marker not in out and time.time() < end:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    break
+        return marker in out
+
+    try:
+        assert read_until(b"> ", 300), out
+        os.write(fd, b"Write a very long story about a dragon.\r")
+        time.sleep(3)  # the reply is streaming now
+        os.kill(pid, signal.SIGINT)
+        assert read_until(b"[stopped]", 180), out
+        os.write(fd, b"What is the capital of France?\r")
+        assert read_until(b"Paris", 120), out
+        os.write(fd, b"/exit\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
