@@ -237,3 +237,35 @@ def info(model_path):
     click.echo(f"context        {cfg.max_position_embeddings} tokens ({rope}, theta {cfg.rope_theta:g}, rotary dims "
                f"{cfg.rotary_dim}{', sliding window ' + str(cfg.sliding_window) if cfg.sliding_window else ''})")
     click.echo(f"KV cache       {cfg.kv_bytes_per_token} bytes per token (float16)")
+
+
+@main.command()
+@click.option("-m", "--model", "model_path", default=None, help="An edgephi model folder [default: the default model]")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@click.option("--prompt-tokens", type=int, default=512, show_default=True)
+@click.option("--gen-tokens", type=int, default=128, show_default=True)
+@click.option("--repetitions", type=int, default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Also print one JSON object on the last line")
+@user_errors
+def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json):
+    """Prefill and decode speed (llama-bench's convention), start-up times and peak memory."""
+    import json
+
+    from . import bench as benchmark
+
+    if model_path is None:
+        from convert.default_model import ensure_default_model
+
+        model_path = ensure_default_model(lambda line: click.echo(line, err=True), ProgressBar("converting"))
+    elif not Path(model_path).exists():
+        raise EdgephiError(f"{model_path}: no such model folder")
+    r = benchmark.run(model_path, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                      repetitions=repetitions)
+    click.echo(f"model {model_path}, {r.threads} threads, median of {repetitions}")
+    click.echo(f"  prefill pp{prompt_tokens}   {r.prefill_tok_s:8.1f} tok/s")
+    click.echo(f"  decode  tg{gen_tokens}   {r.decode_tok_s:8.1f} tok/s")
+    click.echo(f"  time to first token {r.ttft_s:6.3f} s (prompt of {prompt_tokens})")
+    click.echo(f"  load {r.load_s:.3f} s, first step (JIT compile or cache load) {r.jit_s:.3f} s")
+    click.echo(f"  peak RSS {r.peak_rss_mb:.0f} MiB")
+    if as_json:
+        click.echo(json.dumps(r.as_dict()))

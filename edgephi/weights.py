@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numba import typed
+from numba import njit, typed
+
+from . import jit_cache  # noqa: F401  (numba's cache folder)
 
 from .errors import ModelFormatError
 from .format import WEIGHTS_FILE, ModelConfig, expected_shape
@@ -23,6 +25,20 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 EMPTY_U8 = _readonly(np.zeros((0, 0), np.uint8))
 EMPTY_U16 = _readonly(np.zeros((0, 0), np.uint16))
 EMPTY_F32 = _readonly(np.zeros((0, 0), np.float32))
+
+
+@njit(cache=True)
+def _list_of(first):
+    """A typed List built in cached compiled code: from Python, typed.List compiles its methods
+    anew in every process (about a second of start-up)."""
+    items = typed.List()
+    items.append(first)
+    return items
+
+
+@njit(cache=True)
+def _append(items, item):
+    items.append(item)
 
 
 @dataclass
@@ -72,9 +88,9 @@ def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
         return arr
 
     def per_layer(kind, load):
-        items = typed.List()
-        for i in range(cfg.num_layers):
-            items.append(load(f"layers.{i}.{kind}"))
+        items = _list_of(load(f"layers.0.{kind}"))
+        for i in range(1, cfg.num_layers):
+            _append(items, load(f"layers.{i}.{kind}"))
         return items
 
     embed = matrix("embed")

@@ -166,3 +166,12 @@ def test_ctrl_c_stops_the_reply_not_the_program(home):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_bench_prints_figures_and_json(home):
+    done = run(["bench", "--prompt-tokens", "32", "--gen-tokens", "8", "--repetitions", "2", "--json"], home=home)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "jit_s"):
+        assert figures[key] > 0, key
+    assert "tok/s" in done.stdout and figures["prompt_tokens"] == 32
