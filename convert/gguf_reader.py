@@ -1,4 +1,4 @@
-"""A GGUF (v2/v3, little-endian) reader: metadata as Python values, tensors as mapped byte rows."""
+"""A GGUF (v2/v3, little-endian) reader: metadata as Python values, tensor locations and sizes."""
 
 from __future__ import annotations
 

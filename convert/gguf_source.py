@@ -47,16 +47,24 @@ class GGUFModel:
                                f"(supported: {', '.join(ARCHITECTURES)})")
         if "rope_freqs.weight" in f.tensors:
             raise EdgephiError(f"{self.path}: Llama 3.1-style rope frequency scaling is not supported")
+        try:
+            return self._read_config(f, arch)
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
+            raise EdgephiError(f"{self.path}: bad GGUF metadata ({exc})") from None
+
+    def _read_config(self, f, arch) -> ModelConfig:
         D, H = int(self._key("embedding_length")), int(self._key("attention.head_count"))
         Hk = int(self._key("attention.head_count_kv", H))
-        head_dim = int(self._key("attention.key_length", D // H))
+        head_dim = int(self._key("attention.key_length", required=False) or D // H)
         embed = f.tensors.get("token_embd.weight")
         if embed is None:
             raise EdgephiError(f"{self.path}: tensor token_embd.weight is missing")
         context = int(self._key("context_length"))
         original = int(self._key("rope.scaling.original_context_length", context))
         scaling = None
-        if "rope_factors_long.weight" in f.tensors:
+        if "rope_factors_long.weight" in f.tensors or "rope_factors_short.weight" in f.tensors:
+            if not {"rope_factors_long.weight", "rope_factors_short.weight"} <= f.tensors.keys():
+                raise EdgephiError(f"{self.path}: GGUF has only one of rope_factors_long/rope_factors_short")
             attn = self._key("rope.scaling.attn_factor", required=False)
             scaling = RopeScaling(tuple(map(float, f.float_array("rope_factors_short.weight"))),
                                   tuple(map(float, f.float_array("rope_factors_long.weight"))),
@@ -72,7 +80,7 @@ class GGUFModel:
             max_position_embeddings=context, original_max_position_embeddings=original,
             rope_scaling=scaling, sliding_window=int(window) or None,
             tie_word_embeddings="output.weight" not in f.tensors,
-        )
+        ).check(str(self.path))
 
     def _part(self, name: str, shape: tuple[int, ...], order=None) -> Part:
         t = self.file.tensors.get(name)
@@ -90,7 +98,7 @@ class GGUFModel:
             def read_floats(idx, reader=reader, dtype="<f4" if fmt.name == "f32" else "<f2"):
                 return reader(idx).view(dtype).astype(np.float32)
 
-            return Part(rows, cols, read_floats, order=order)
+            return Part(rows, cols, read_floats, fmt=fmt, order=order)
 
         def read_planes(idx, reader=reader, fmt=fmt):
             return planes_from_gguf_blocks(reader(idx), fmt, len(idx))
@@ -104,7 +112,7 @@ class GGUFModel:
 
     def _vector(self, name: str, origin: str) -> SourceTensor:
         part = self._part(origin, (self.config.hidden_size,))
-        return vector(name, origin, lambda: part.read_floats(np.arange(1)))
+        return vector(name, origin, part.read_floats(np.arange(1)))
 
     def tensors(self):
         c = self.config

@@ -91,9 +91,7 @@ def read_config(folder: Path) -> ModelConfig:
         raise EdgephiError(f"{path}: bad value ({exc})") from None
     if arch == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise EdgephiError(f"{path}: Llama models with attention or MLP biases are not supported")
-    if H % Hk or rotary_dim % 2 or rotary_dim > head_dim:
-        raise EdgephiError(f"{path}: inconsistent heads ({H}/{Hk}) or rotary dims ({rotary_dim}/{head_dim})")
-    return config
+    return config.check(str(path))
 
 
 def open_shards(folder: Path) -> dict[str, SafetensorsFile]:
@@ -155,10 +153,10 @@ class HFCheckpoint:
 
     def _vector(self, name: str, origin: str) -> SourceTensor:
         part = self._part(origin, (self.config.hidden_size,))
-        return vector(name, origin, lambda: part.read_floats(np.arange(1)))
+        return vector(name, origin, part.read_floats(np.arange(1)))
 
     def tensors(self):
-        """Yields SourceTensors in file order (edgephi.format.tensor_names)."""
+        """Yields SourceTensors in file order: embed, each layer's tensors, norm, output."""
         c = self.config
         D, F, Dh = c.hidden_size, c.intermediate_size, c.head_dim
         yield self._matrix("embed", ["model.embed_tokens.weight"], [(c.vocab_size, D)])

@@ -91,6 +91,7 @@ def target_format(t: SourceTensor, quant: str | None, embed_quant: str | None) -
 def _generation(source, tokenizer, preset=None) -> dict:
     gen = source.generation(tokenizer.special_tokens)
     stops = [i for i in gen["eos_token_ids"] if isinstance(i, int)]
+    gen["eos_token_id"] = stops[0] if stops else None  # the source's own eos, for templates' {{ eos_token }}
     stop_names = END_OF_TURN_TOKENS + (preset.stop_tokens if preset else ())
     stops += [tokenizer.special_tokens[t] for t in stop_names if t in tokenizer.special_tokens]
     if preset is not None:
@@ -179,7 +180,7 @@ def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, Q
             f = formats[t.name]
             stored = t.stored_format
             rep = TensorReport(t.name, f.name, _logical_shape(t, matrices), stored.name if stored else "float",
-                               0.0, lossless=stored is not None and stored.name == f.name)
+                               0.0, lossless=stored is not None and stored.name == f.name and not f.is_float)
             rows, cols = t.shape
             step = max(1, CHUNK_ELEMENTS // cols)
             for start in range(0, rows, step):

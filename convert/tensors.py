@@ -17,7 +17,7 @@ class Part:
     rows: int
     cols: int
     read_floats: Callable[[np.ndarray], np.ndarray]  # source row indices -> float32 [n, cols]
-    fmt: QuantFormat | None = None  # a block format the source already holds these rows in
+    fmt: QuantFormat | None = None  # the format the source holds these rows in, when it is one of ours
     read_planes: Callable[[np.ndarray], dict] | None = None  # source row indices -> planes
     order: np.ndarray | None = None  # order[i] = source row of output row i
 
@@ -34,7 +34,7 @@ class SourceTensor:
 
     @property
     def stored_format(self) -> QuantFormat | None:
-        """The block format every part is stored in, if they share one."""
+        """The format every part is stored in, if they share one."""
         fmts = {p.fmt.name if p.fmt else None for p in self.parts}
         return self.parts[0].fmt if len(fmts) == 1 else None
 
@@ -59,9 +59,8 @@ class SourceTensor:
         return {k: np.concatenate([piece[k] for piece in pieces]) for k in pieces[0]}
 
 
-def vector(name: str, origin: str, values: Callable[[], np.ndarray]) -> SourceTensor:
+def vector(name: str, origin: str, arr: np.ndarray) -> SourceTensor:
     """A 1-D tensor (a norm weight), stored as one row."""
-    arr = values()
     return SourceTensor(name, origin, [Part(1, arr.shape[-1], lambda idx: arr.reshape(1, -1)[idx])])
 
 

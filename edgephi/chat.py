@@ -29,19 +29,24 @@ class ChatTemplate:
     def __init__(self, source: str | None, tokenizer, generation_config: dict):
         if not source:
             raise EdgephiError("this model has no chat template; use generate() with your own prompt")
+        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment  # chat templates are Jinja
 
         def raise_exception(message):
             raise EdgephiError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # the environment transformers renders chat templates in
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise EdgephiError(f"chat template: {exc}") from None
         self.tokenizer = tokenizer
         ids = {v: k for k, v in tokenizer.special_tokens.items()}
         self.bos_token = ids.get(generation_config.get("bos_token_id"), "")
-        eos = generation_config.get("eos_token_ids") or []
-        self.eos_token = ids.get(eos[0], "") if eos else ""
+        self.eos_token = ids.get(generation_config.get("eos_token_id"), "")
         specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
@@ -49,8 +54,13 @@ class ChatTemplate:
         """The prompt text and the character spans that came from message contents."""
         marks = [f"\x00{i}\x00" for i in range(len(messages))]  # stand-ins to locate contents
         marked = [dict(m, content=mark) for m, mark in zip(messages, marks)]
-        text = self.template.render(messages=marked, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
+        import jinja2
+
+        try:
+            text = self.template.render(messages=marked, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as exc:
+            raise EdgephiError(f"chat template: {exc}") from None
         out, spans, pos = [], [], 0
         for piece in re.split("(\x00\\d+\x00)", text):
             if piece in marks:

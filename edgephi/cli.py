@@ -168,7 +168,7 @@ def chat(model_path, system, max_tokens, threads, context, **options):
             if command == "/reset":
                 session.reset()
             elif command == "/system":
-                session.reset(system=arg.strip() or None)
+                session.reset(system=arg.strip())  # "/system" alone removes the system prompt
             elif command == "/stats":
                 if session.last_stats:
                     print_stats(session.last_stats)

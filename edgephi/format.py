@@ -8,7 +8,7 @@ A model folder holds:
   weights.safetensors  every tensor; quantized ones split into planes (see quant.py)
   tokenizer.tiktoken   mergeable ranks, tiktoken's own file format (base64 bytes, rank)
   tokenizer.json       split pattern, special tokens and how ranks map to ids
-  generation.json      bos, eos and end-of-turn ids, chat template, sampling defaults
+  generation.json      bos id, whether to add it, the eos id, every end-of-turn id, chat template
 """
 
 from __future__ import annotations
@@ -65,6 +65,20 @@ class ModelConfig:
     tensors: dict = field(default_factory=dict, compare=False)
     source: dict = field(default_factory=dict, compare=False)
 
+    def check(self, where: str) -> "ModelConfig":
+        """Sizes a converter may meet in a source file, checked before any tensor is read."""
+        sizes = (self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.num_kv_heads,
+                 self.head_dim, self.intermediate_size)
+        if min(sizes) <= 0:
+            raise ModelFormatError(f"{where}: sizes and counts must be positive")
+        if self.num_heads % self.num_kv_heads or self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ModelFormatError(f"{where}: inconsistent heads ({self.num_heads}/{self.num_kv_heads}) or rotary "
+                                   f"dims ({self.rotary_dim}/{self.head_dim})")
+        scaling = self.rope_scaling
+        if scaling and not len(scaling.short_factor) == len(scaling.long_factor) == self.rotary_dim // 2:
+            raise ModelFormatError(f"{where}: LongRoPE factors must each have {self.rotary_dim // 2} values")
+        return self
+
     @property
     def qkv_rows(self) -> int:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
@@ -113,18 +127,6 @@ def read_config(folder: Path) -> ModelConfig:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
     return ModelConfig.from_json(data, str(path))
-
-
-def tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor of a model, in the order the converter writes them."""
-    names = ["embed"]
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        names += [p + "attn_norm", p + "qkv", p + "o", p + "ffn_norm", p + "gate_up", p + "down"]
-    names.append("norm")
-    if not cfg.tie_word_embeddings:
-        names.append("output")
-    return names
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:

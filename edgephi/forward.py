@@ -46,7 +46,7 @@ def forward(tokens, positions, slots, n_slots, shape, eps, inv_freq, attention_f
             embed, output, final_norm, attn_norms, ffn_norms, qkv_w, o_w, gate_up_w, down_w,
             k_cache, v_cache, slot_pos, x, xn, qkv, attn, tmp, gate_up, act, scores, logits, all_logits):
     """Run T new tokens (at `positions`, cached into `slots`) through the model.
-    shape = (H, Hk, Dh, R); k_cache/v_cache (L, C, Hk * Dh) f16 bits; logits (T or 1, V)."""
+    shape = (H, Hk, Dh, R); k_cache/v_cache (L, C, Hk * Dh) f16 bits or float32; logits (T or 1, V)."""
     H, Hk, Dh, R = shape
     T = tokens.shape[0]
     embed_rows(embed, tokens, x)

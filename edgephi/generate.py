@@ -66,11 +66,12 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
     stats.prompt_tokens = len(new_ids)
     rng = np.random.default_rng(params.seed)
     eos = set() if ignore_eos else set(model.generation_config.get("eos_token_ids", []))
+    n_vocab = model.tokenizer.n_vocab  # embedding rows past the tokenizer's ids are padding
     history = np.array(list(context_ids or []) + list(new_ids), dtype=np.int64)
     tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, longest_stop = "", max((len(s) for s in stop), default=0)
     started = time.perf_counter()
-    logits = model.feed(new_ids)[0]
+    logits = model.feed(new_ids)[0, :n_vocab]
     stats.fed = list(new_ids)
     stats.prefill_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -93,7 +94,7 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
             if len(generated) < max_new_tokens:
                 if params.repetition_penalty != 1.0:
                     history = np.append(history, token)
-                logits = model.step(token)[0]
+                logits = model.step(token)[0, :n_vocab]
                 stats.fed.append(token)
     finally:
         stats.finish_reason = stats.finish_reason or "length"

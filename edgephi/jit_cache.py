@@ -28,4 +28,4 @@ def configure() -> Path:
     return folder
 
 
-CACHE_DIR = configure()
+configure()

@@ -227,11 +227,7 @@ def embed_rows(w, tokens, out):
         for b in range(D // 32):
             for j in range(32):
                 k = b * 32 + j
-                if fmt == F32:
-                    v = f[r, k]
-                elif fmt == F16:
-                    v = f16_to_f32(s[r, k])
-                elif fmt == Q8_0:
+                if fmt == Q8_0:
                     v = np.float32(np.int8(qs[r, k])) * f16_to_f32(s[r, b])
                 else:
                     byte = qs[r, b * 16 + (j % 16)]

@@ -31,11 +31,6 @@ class QuantFormat:
     def is_float(self) -> bool:
         return self.gguf_block_bytes == 0
 
-    def bytes_per_weight(self) -> float:
-        if self.is_float:
-            return self.bits / 8
-        return sum(np.dtype(dt).itemsize * cols for _, dt, cols in self.planes) / BLOCK
-
 
 FORMATS = {
     f.name: f
@@ -153,10 +148,3 @@ def planes_to_gguf_blocks(planes: dict[str, np.ndarray], fmt: QuantFormat) -> np
     parts = [np.ascontiguousarray(f).reshape(nblocks, -1).view(np.uint8) for f in fields]
     return np.concatenate(parts, axis=1).reshape(rows, -1)
 
-
-def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
-    """||approx - ref|| / ||ref|| (0 for an all-zero reference matched exactly)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    den = np.linalg.norm(ref)
-    num = np.linalg.norm(np.asarray(approx, dtype=np.float64) - ref)
-    return float(num / den) if den else float(num)

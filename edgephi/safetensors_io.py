@@ -113,8 +113,12 @@ class SafetensorsWriter:
         text += b" " * (-(8 + len(text)) % DATA_ALIGN)
         self._data_start = 8 + len(text)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, len(text).to_bytes(8, "little") + text, 0)
-        os.ftruncate(self._fd, self._data_start + offset)
+        try:
+            os.pwrite(self._fd, len(text).to_bytes(8, "little") + text, 0)
+            os.ftruncate(self._fd, self._data_start + offset)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def write(self, name: str, array: np.ndarray, row_start: int = 0) -> None:
         """Rows [row_start, row_start + len(array)) of tensor `name`."""

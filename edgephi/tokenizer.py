@@ -39,9 +39,3 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids, errors="replace")
 
-    def token_id(self, text: str) -> int | None:
-        """The id of a special token, or of a text that is exactly one ordinary token."""
-        if text in self.special_tokens:
-            return self.special_tokens[text]
-        ids = self._enc.encode_ordinary(text)
-        return ids[0] if len(ids) == 1 else None

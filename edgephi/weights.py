@@ -12,7 +12,7 @@ from . import jit_cache  # noqa: F401  (numba's cache folder)
 
 from .errors import ModelFormatError
 from .format import WEIGHTS_FILE, ModelConfig, expected_shape
-from .quant import FORMATS, plane_key
+from .quant import FORMATS, plane_key, plane_layout
 from .safetensors_io import SafetensorsFile
 
 
@@ -52,7 +52,6 @@ class Weights:
     o: typed.List
     gate_up: typed.List
     down: typed.List
-    nbytes: int
 
 
 def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
@@ -61,11 +60,16 @@ def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
         raise ModelFormatError(f"{path}: missing")
     st = SafetensorsFile(path)
 
-    def plane(name, plane_name, dtype):
+    def plane(name, plane_name, dtype, shape=None):
         key = plane_key(name, plane_name)
         if key not in st.header:
             raise ModelFormatError(f"{path}: tensor {key!r} is missing")
-        return _readonly(st.raw(key).view(dtype))
+        arr = st.raw(key)
+        if arr.dtype.itemsize != np.dtype(dtype).itemsize or (shape is not None and arr.shape != shape):
+            # the kernels do not check bounds: a plane of the wrong size must never reach them
+            raise ModelFormatError(f"{path}: tensor {key!r} is {arr.dtype} {list(arr.shape)}, not the "
+                                   f"{np.dtype(dtype)} {list(shape or ())} its recipe implies")
+        return _readonly(arr.view(dtype))
 
     def matrix(name):
         recipe = cfg.tensors.get(name)
@@ -74,12 +78,14 @@ def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
         fmt = FORMATS.get(recipe["format"])
         if fmt is None or tuple(recipe["shape"]) != expected_shape(cfg, name):
             raise ModelFormatError(f"{path}: tensor {name!r} has format {recipe['format']} shape {recipe['shape']}")
+        shapes = {p: shape for p, (_, shape) in plane_layout(fmt, tuple(recipe["shape"])).items()}
         if fmt.name == "f32":
-            return (fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, plane(name, "", np.float32))
+            return (fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, plane(name, "", np.float32, shapes[""]))
         if fmt.name == "f16":
-            return (fmt.ggml_type, EMPTY_U8, plane(name, "", np.uint16), EMPTY_U16, EMPTY_F32)
-        m = plane(name, "m", np.uint16) if fmt.name == "q4_1" else EMPTY_U16
-        return (fmt.ggml_type, plane(name, "qs", np.uint8), plane(name, "d", np.uint16), m, EMPTY_F32)
+            return (fmt.ggml_type, EMPTY_U8, plane(name, "", np.uint16, shapes[""]), EMPTY_U16, EMPTY_F32)
+        m = plane(name, "m", np.uint16, shapes["m"]) if fmt.name == "q4_1" else EMPTY_U16
+        return (fmt.ggml_type, plane(name, "qs", np.uint8, shapes["qs"]), plane(name, "d", np.uint16, shapes["d"]),
+                m, EMPTY_F32)
 
     def vector(name):
         arr = plane(name, "", np.float32)
@@ -98,5 +104,5 @@ def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
         embed=embed, output=embed if cfg.tie_word_embeddings else matrix("output"), norm=vector("norm"),
         attn_norms=per_layer("attn_norm", vector), ffn_norms=per_layer("ffn_norm", vector),
         qkv=per_layer("qkv", matrix), o=per_layer("o", matrix), gate_up=per_layer("gate_up", matrix),
-        down=per_layer("down", matrix), nbytes=path.stat().st_size,
+        down=per_layer("down", matrix),
     )
