@@ -11,6 +11,8 @@ from numba import njit
 
 from .kernels import add_into, attention, embed_rows, linear, rmsnorm, rope, silu_mul, store_kv
 
+ATTENTION_TOKENS = 16  # tokens per attention call in a prefill chunk: scores are 16 x H x C floats
+
 
 class Workspace:
     """Scratch arrays for steps of up to T tokens, allocated once and reused every step."""
@@ -26,7 +28,7 @@ class Workspace:
         self.tmp = np.zeros((T, D), f32)
         self.gate_up = np.zeros((T, 2 * F), f32)
         self.act = np.zeros((T, F), f32)
-        self.scores = np.zeros((T * H, capacity), f32)
+        self.scores = np.zeros((min(T, ATTENTION_TOKENS) * H, capacity), f32)
         self.logits = np.zeros((logits_rows, cfg.vocab_size), f32)
         self._views: dict[int, tuple] = {}
 
@@ -38,7 +40,7 @@ class Workspace:
 
     def _make_views(self, n: int):
         return (self.x[:n], self.xn[:n], self.qkv[:n], self.attn[:n], self.tmp[:n], self.gate_up[:n],
-                self.act[:n], self.scores[:n * self.H])
+                self.act[:n], self.scores)
 
 
 @njit(cache=True)
@@ -55,8 +57,10 @@ def forward(tokens, positions, slots, n_slots, shape, eps, inv_freq, attention_f
         linear(qkv_w[layer], xn, qkv)
         rope(qkv, positions, inv_freq, attention_factor, H, Hk, Dh, R)
         store_kv(qkv, slots, k_cache[layer], v_cache[layer], H, Hk, Dh)
-        attention(qkv, positions, k_cache[layer], v_cache[layer], slot_pos, n_slots, window, H, Hk, Dh,
-                  scores, attn)
+        for t0 in range(0, T, ATTENTION_TOKENS):  # bounds the scores scratch, not the matmul chunk
+            t1 = min(T, t0 + ATTENTION_TOKENS)
+            attention(qkv[t0:t1], positions[t0:t1], k_cache[layer], v_cache[layer], slot_pos, n_slots, window,
+                      H, Hk, Dh, scores, attn[t0:t1])
         linear(o_w[layer], attn, tmp)
         add_into(x, tmp)
         rmsnorm(x, ffn_norms[layer], eps, xn)

@@ -23,7 +23,7 @@ class KVCache:
             raise ValueError(f"kv_dtype must be float16 or float32, got {dtype!r}")
         # (L, C, Hk * Dh): float16 travels as uint16 bits (numba cannot load float16)
         self.k = np.zeros((cfg.num_layers, capacity, width), np.uint16 if dtype == "float16" else np.float32)
-        self.v = np.zeros_like(self.k)
+        self.v = np.zeros(self.k.shape, self.k.dtype)  # zeros_like would touch every page now
         self.slot_pos = np.full(capacity, -1, np.int64)  # absolute position held by each slot
         self.slot_token = np.full(capacity, -1, np.int64)  # its token id (to recompute, e.g. LongRoPE)
         self._one_pos = np.zeros(1, np.int64)
