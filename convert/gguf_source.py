@@ -9,7 +9,7 @@ from edgephi.format import ModelConfig, RopeScaling
 from edgephi.quant import FORMAT_BY_GGML_TYPE, planes_from_gguf_blocks
 
 from .gguf_reader import GGUFFile
-from .tensors import Part, RowReader, SourceTensor, vector
+from .tensors import Part, RowReader, Source
 from .tokenizers import spec_from_gguf
 
 ARCHITECTURES = ("llama", "phi3")
@@ -26,7 +26,7 @@ def unpermute_order(rows: int, heads: int) -> np.ndarray:
     return order
 
 
-class GGUFModel:
+class GGUFModel(Source):
     def __init__(self, path):
         self.path = path
         self.file = GGUFFile(path)
@@ -104,15 +104,6 @@ class GGUFModel:
             return planes_from_gguf_blocks(reader(idx), fmt, len(idx))
 
         return Part(rows, cols, None, fmt, read_planes, order)
-
-    def _matrix(self, name: str, origins: list[str], shapes, orders=None) -> SourceTensor:
-        orders = orders or [None] * len(origins)
-        return SourceTensor(name, " + ".join(origins),
-                            [self._part(o, s, order) for o, s, order in zip(origins, shapes, orders)])
-
-    def _vector(self, name: str, origin: str) -> SourceTensor:
-        part = self._part(origin, (self.config.hidden_size,))
-        return vector(name, origin, part.read_floats(np.arange(1)))
 
     def tensors(self):
         c = self.config

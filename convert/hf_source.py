@@ -12,7 +12,7 @@ from edgephi.errors import EdgephiError
 from edgephi.format import ModelConfig, RopeScaling
 from edgephi.safetensors_io import DTYPES, SafetensorsFile, bf16_to_float32
 
-from .tensors import Part, RowReader, SourceTensor, vector
+from .tensors import Part, RowReader, Source
 from .tokenizers import spec_from_tokenizer_json
 
 ARCHITECTURES = {"Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}
@@ -119,10 +119,11 @@ def open_shards(folder: Path) -> dict[str, SafetensorsFile]:
     return {name: f for name in f.keys()}
 
 
-class HFCheckpoint:
+class HFCheckpoint(Source):
     def __init__(self, folder: Path):
         self.folder = folder
         self.config = read_config(folder)
+        self.raw_config = _read_json(folder / "config.json")  # for bos/eos ids
         self.files = open_shards(folder)
         self._used: set[str] = set()
 
@@ -146,14 +147,6 @@ class HFCheckpoint:
             return bf16_to_float32(values) if dtype == "BF16" else values.astype(np.float32)
 
         return Part(rows, cols, read)
-
-    def _matrix(self, name: str, origins: list[str], shapes: list[tuple[int, int]]) -> SourceTensor:
-        parts = [self._part(o, s) for o, s in zip(origins, shapes)]
-        return SourceTensor(name, " + ".join(origins), parts)
-
-    def _vector(self, name: str, origin: str) -> SourceTensor:
-        part = self._part(origin, (self.config.hidden_size,))
-        return vector(name, origin, part.read_floats(np.arange(1)))
 
     def tensors(self):
         """Yields SourceTensors in file order: embed, each layer's tensors, norm, output."""
@@ -193,7 +186,7 @@ class HFCheckpoint:
 
     def generation(self, special: dict[str, int]) -> dict:
         """bos/eos/end-of-turn ids and the chat template, from the checkpoint's side files."""
-        cfg = _read_json(self.folder / "config.json")
+        cfg = self.raw_config
         gen = _optional_json(self.folder / "generation_config.json")
         tok = _optional_json(self.folder / "tokenizer_config.json")
         template = tok.get("chat_template")

@@ -59,9 +59,21 @@ class SourceTensor:
         return {k: np.concatenate([piece[k] for piece in pieces]) for k in pieces[0]}
 
 
-def vector(name: str, origin: str, arr: np.ndarray) -> SourceTensor:
-    """A 1-D tensor (a norm weight), stored as one row."""
-    return SourceTensor(name, origin, [Part(1, arr.shape[-1], lambda idx: arr.reshape(1, -1)[idx])])
+class Source:
+    """What the HF and GGUF sources share: tensors assembled from parts that `_part` makes."""
+
+    def _part(self, name: str, shape: tuple[int, ...], order=None) -> Part:
+        raise NotImplementedError
+
+    def _matrix(self, name: str, origins: list[str], shapes, orders=None) -> SourceTensor:
+        orders = orders or [None] * len(origins)
+        return SourceTensor(name, " + ".join(origins),
+                            [self._part(o, s, order) for o, s, order in zip(origins, shapes, orders)])
+
+    def _vector(self, name: str, origin: str) -> SourceTensor:
+        """A 1-D tensor (a norm weight), read once and stored as one row."""
+        arr = self._part(origin, (self.config.hidden_size,)).read_floats(np.arange(1))
+        return SourceTensor(name, origin, [Part(1, arr.shape[-1], lambda idx: arr[idx])])
 
 
 class RowReader:

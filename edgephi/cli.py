@@ -117,19 +117,22 @@ def sampling_kwargs(o: dict) -> dict:
             "repetition_penalty": o["repeat_penalty"], "seed": o["seed"]}
 
 
-def open_model(model_path, threads, context):
-    """An edgephi model: the folder given, or the default model (converted into the cache once)."""
-    from . import load
-
+def model_folder(model_path) -> Path:
+    """The folder given, or the default model's (fetched and converted into the cache once)."""
     if model_path is None:
         from convert.default_model import ensure_default_model
 
-        path = ensure_default_model(lambda line: click.echo(line, err=True), ProgressBar("converting"))
-    else:
-        path = Path(model_path)
-        if not path.exists():
-            raise EdgephiError(f"{path}: no such model folder (convert one with `edgephi convert`)")
-    return load(path, threads=threads, context=context)
+        return ensure_default_model(lambda line: click.echo(line, err=True), ProgressBar("converting"))
+    path = Path(model_path)
+    if not path.exists():
+        raise EdgephiError(f"{path}: no such model folder (convert one with `edgephi convert`)")
+    return path
+
+
+def open_model(model_path, threads, context):
+    from . import load
+
+    return load(model_folder(model_path), threads=threads, context=context)
 
 
 def print_stats(stats) -> None:
@@ -253,12 +256,7 @@ def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json):
 
     from . import bench as benchmark
 
-    if model_path is None:
-        from convert.default_model import ensure_default_model
-
-        model_path = ensure_default_model(lambda line: click.echo(line, err=True), ProgressBar("converting"))
-    elif not Path(model_path).exists():
-        raise EdgephiError(f"{model_path}: no such model folder")
+    model_path = model_folder(model_path)
     r = benchmark.run(model_path, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                       repetitions=repetitions)
     click.echo(f"model {model_path}, {r.threads} threads, median of {repetitions}")

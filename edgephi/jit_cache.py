@@ -16,14 +16,19 @@ import numba
 KERNEL_SOURCES = ("kernels.py", "forward.py")
 
 
+def cache_root() -> Path:
+    """edgephi's per-user folder: $EDGEPHI_CACHE, else $XDG_CACHE_HOME/edgephi or ~/.cache/edgephi."""
+    if os.environ.get("EDGEPHI_CACHE"):
+        return Path(os.environ["EDGEPHI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgephi"
+
+
 def configure() -> Path:
     digest = hashlib.sha256(numba.__version__.encode())
     here = Path(__file__).parent
     for name in KERNEL_SOURCES:
         digest.update((here / name).read_bytes())
-    base = Path(os.environ.get("EDGEPHI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "edgephi")
-    folder = base / "numba" / digest.hexdigest()[:16]
+    folder = cache_root() / "numba" / digest.hexdigest()[:16]
     numba.config.CACHE_DIR = str(folder)
     return folder
 

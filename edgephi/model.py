@@ -61,6 +61,8 @@ class Model:
         self._inv_freq_long = rope_inv_freq(cfg, scaling.long_factor) if scaling else self._inv_freq_short
         self._attention_factor = np.float32(scaling.attention_factor if scaling else 1.0)
         self._shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim)
+        self._eps = np.float32(cfg.rms_norm_eps)
+        self._window = cfg.sliding_window or 0
         self._decode_ws = Workspace(cfg, 1, context, 1)
         self._token1 = np.zeros(1, np.int64)
         self._chunk_ws: Workspace | None = None
@@ -75,11 +77,11 @@ class Model:
         """One forward step of len(tokens) <= ws.T new tokens into `cache`."""
         n = len(tokens)
         positions, slots = cache.append(tokens)
-        w, cfg = self.weights, self.config
+        w = self.weights
         inv_freq = self._inv_freq_long if cache.long_rope else self._inv_freq_short
         logits = ws.logits[:n] if all_logits else ws.logits[:1]
-        forward(tokens, positions, slots, cache.n_slots, self._shape, np.float32(cfg.rms_norm_eps), inv_freq,
-                self._attention_factor, cfg.sliding_window or 0, w.embed, w.output, w.norm, w.attn_norms,
+        forward(tokens, positions, slots, cache.n_slots, self._shape, self._eps, inv_freq,
+                self._attention_factor, self._window, w.embed, w.output, w.norm, w.attn_norms,
                 w.ffn_norms, w.qkv, w.o, w.gate_up, w.down, cache.k, cache.v, cache.slot_pos,
                 *ws.buffers(n), logits, all_logits)
         return logits
@@ -168,20 +170,23 @@ class Model:
                         stats: GenerationStats | None = None, **sampling) -> Iterator[int]:
         """Token ids continuing prompt_ids in a fresh context. sampling: temperature, top_k,
         top_p, min_p, repetition_penalty, seed (see SamplingParams)."""
+        return self._fresh_stream(self.prompt_ids(list(prompt_ids)), max_new_tokens, check_stop(stop), ignore_eos,
+                                  stats, sampling)
+
+    def _fresh_stream(self, ids, max_new_tokens, stop, ignore_eos, stats, sampling) -> Iterator[int]:
         params = SamplingParams(**sampling)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        stop = check_stop(stop)
-        ids = self.prompt_ids(list(prompt_ids))
         self.cache.reset()
         return token_stream(self, ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
                             ignore_eos=ignore_eos, stats=stats)
 
-    def stream(self, prompt, *, special_tokens: bool = False, stats: GenerationStats | None = None,
-               **options) -> Iterator[str]:
+    def stream(self, prompt, *, special_tokens: bool = False, max_new_tokens: int = 256, stop=None,
+               ignore_eos: bool = False, stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
         """Text pieces (always whole UTF-8 characters) continuing `prompt`."""
-        stop = check_stop(options.get("stop"))
-        ids = self.prompt_ids(prompt, special_tokens)
-        return text_stream(self.tokenizer, self.generate_tokens(ids, stats=stats, **options), stop)
+        stop = check_stop(stop)
+        tokens = self._fresh_stream(self.prompt_ids(prompt, special_tokens), max_new_tokens, stop, ignore_eos,
+                                    stats, sampling)
+        return text_stream(self.tokenizer, tokens, stop)
 
     def generate(self, prompt, **options) -> str:
         return "".join(self.stream(prompt, **options))

