@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels import add_into, attention, embed_rows, linear, rmsnorm, rope, silu_mul, store_kv
+from .kernels import activation_scratch, add_into, attention, embed_rows, linear, rmsnorm, rope, silu_mul, store_kv
 
 ATTENTION_TOKENS = 16  # tokens per attention call in a prefill chunk: scores are 16 x H x C floats
 
@@ -30,6 +30,8 @@ class Workspace:
         self.act = np.zeros((T, F), f32)
         self.scores = np.zeros((min(T, ATTENTION_TOKENS) * H, capacity), f32)
         self.logits = np.zeros((logits_rows, cfg.vocab_size), f32)
+        widest = max(D, F, H * Dh)  # the decode kernels' int16 copy of one token's linear input
+        self.quantized = activation_scratch(widest)
         self._views: dict[int, tuple] = {}
 
     def buffers(self, n: int):
@@ -40,13 +42,13 @@ class Workspace:
 
     def _make_views(self, n: int):
         return (self.x[:n], self.xn[:n], self.qkv[:n], self.attn[:n], self.tmp[:n], self.gate_up[:n],
-                self.act[:n], self.scores)
+                self.act[:n], self.scores, self.quantized)
 
 
 @njit(cache=True)
 def forward(tokens, positions, slots, n_slots, shape, eps, inv_freq, attention_factor, window,
             embed, output, final_norm, attn_norms, ffn_norms, qkv_w, o_w, gate_up_w, down_w,
-            k_cache, v_cache, slot_pos, x, xn, qkv, attn, tmp, gate_up, act, scores, logits, all_logits):
+            k_cache, v_cache, slot_pos, x, xn, qkv, attn, tmp, gate_up, act, scores, quantized, logits, all_logits):
     """Run T new tokens (at `positions`, cached into `slots`) through the model.
     shape = (H, Hk, Dh, R); k_cache/v_cache (L, C, Hk * Dh) f16 bits or float32; logits (T or 1, V)."""
     H, Hk, Dh, R = shape
@@ -54,23 +56,23 @@ def forward(tokens, positions, slots, n_slots, shape, eps, inv_freq, attention_f
     embed_rows(embed, tokens, x)
     for layer in range(len(qkv_w)):
         rmsnorm(x, attn_norms[layer], eps, xn)
-        linear(qkv_w[layer], xn, qkv)
+        linear(qkv_w[layer], xn, qkv, quantized)
         rope(qkv, positions, inv_freq, attention_factor, H, Hk, Dh, R)
         store_kv(qkv, slots, k_cache[layer], v_cache[layer], H, Hk, Dh)
         for t0 in range(0, T, ATTENTION_TOKENS):  # bounds the scores scratch, not the matmul chunk
             t1 = min(T, t0 + ATTENTION_TOKENS)
             attention(qkv[t0:t1], positions[t0:t1], k_cache[layer], v_cache[layer], slot_pos, n_slots, window,
                       H, Hk, Dh, scores, attn[t0:t1])
-        linear(o_w[layer], attn, tmp)
+        linear(o_w[layer], attn, tmp, quantized)
         add_into(x, tmp)
         rmsnorm(x, ffn_norms[layer], eps, xn)
-        linear(gate_up_w[layer], xn, gate_up)
+        linear(gate_up_w[layer], xn, gate_up, quantized)
         silu_mul(gate_up, act)
-        linear(down_w[layer], act, tmp)
+        linear(down_w[layer], act, tmp, quantized)
         add_into(x, tmp)
     if all_logits:
         rmsnorm(x, final_norm, eps, xn)
-        linear(output, xn, logits)
+        linear(output, xn, logits, quantized)
     else:
         rmsnorm(x[T - 1:], final_norm, eps, xn[:1])
-        linear(output, xn[:1], logits)
+        linear(output, xn[:1], logits, quantized)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numba
 
-KERNEL_SOURCES = ("kernels.py", "forward.py")
+KERNEL_SOURCES = ("simd.py", "kernels.py", "forward.py")
 
 
 def cache_root() -> Path:
