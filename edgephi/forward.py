@@ -30,8 +30,8 @@ class Workspace:
         self.act = np.zeros((T, F), f32)
         self.scores = np.zeros((min(T, ATTENTION_TOKENS) * H, capacity), f32)
         self.logits = np.zeros((logits_rows, cfg.vocab_size), f32)
-        widest = max(D, F, H * Dh)  # the decode kernels' int16 copy of one token's linear input
-        self.quantized = activation_scratch(widest)
+        widest = max(D, F, H * Dh)  # the int16 copy of a linear's input (quantized weights)
+        self.quantized = activation_scratch(T, widest)
         self._views: dict[int, tuple] = {}
 
     def buffers(self, n: int):

@@ -19,7 +19,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import jit_cache  # noqa: F401  (sets numba's cache folder before any kernel compiles)
-from .simd import q4_0_row_dot, q4_1_row_dot, q8_0_row_dot
+from .simd import (ROWS_CHUNK, TILE_TOKENS, q4_0_row_dot, q4_0_tile_dot, q4_1_row_dot, q4_1_tile_dot, q8_0_row_dot,
+                   q8_0_tile_dot, rows_dot_chunk, weighted_rows_sum)
 
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
 
@@ -40,9 +41,10 @@ def f32_to_f16(typingctx, value):
     return types.uint16(types.float32), codegen
 
 
-def activation_scratch(width: int):
-    """The scratch linear() needs for one token's input of up to `width` values."""
-    return (np.zeros(width, np.int16), np.zeros(width // 32, np.float32), np.zeros(width // 32, np.float32))
+def activation_scratch(tokens: int, width: int):
+    """The scratch linear() needs for inputs of up to `tokens` rows of `width` values."""
+    blocks = (tokens, width // 32)
+    return np.zeros((tokens, width), np.int16), np.zeros(blocks, np.float32), np.zeros(blocks, np.float32)
 
 
 @njit(cache=True, fastmath=True)
@@ -66,18 +68,36 @@ def quantize_activations(x, xq, xd, xs):
 
 
 @njit(cache=True, parallel=True)
-def _matvec_quant(fmt, qs, d, m, xq, xd, xs, out):
-    """out[n] = W[n] . x for q4_0 / q4_1 / q8_0 rows, x given by quantize_activations.
-    One row per task: measured faster than tiles of 2 or 4 rows with these vector block dots."""
+def _quantize_rows(x, xq, xd, xs):
+    for t in prange(x.shape[0]):
+        quantize_activations(x[t], xq[t], xd[t], xs[t])
+
+
+@njit(cache=True, parallel=True)
+def _matmul_quant(fmt, qs, d, m, xq, xd, xs, out):
+    """out[t, n] = W[n] . x[t] for q4_0 / q4_1 / q8_0 rows, x given by quantize_activations.
+    One row per task (measured faster than tiles of rows with these block dots); tokens in tiles
+    of TILE_TOKENS, so each block of weights is unpacked once for four of them."""
+    T = out.shape[0]
+    tiled = T - T % TILE_TOKENS
     if fmt == Q4_1:
-        for n in prange(out.shape[0]):
-            out[n] = q4_1_row_dot(qs, d, m, xq, xd, xs, n)
+        for n in prange(out.shape[1]):
+            for t in range(0, tiled, TILE_TOKENS):
+                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = q4_1_tile_dot(qs, d, m, xq, xd, xs, n, t)
+            for t in range(tiled, T):
+                out[t, n] = q4_1_row_dot(qs, d, m, xq, xd, xs, n, t)
     elif fmt == Q4_0:
-        for n in prange(out.shape[0]):
-            out[n] = q4_0_row_dot(qs, d, m, xq, xd, xs, n)
+        for n in prange(out.shape[1]):
+            for t in range(0, tiled, TILE_TOKENS):
+                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = q4_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
+            for t in range(tiled, T):
+                out[t, n] = q4_0_row_dot(qs, d, m, xq, xd, xs, n, t)
     else:
-        for n in prange(out.shape[0]):
-            out[n] = q8_0_row_dot(qs, d, m, xq, xd, xs, n)
+        for n in prange(out.shape[1]):
+            for t in range(0, tiled, TILE_TOKENS):
+                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = q8_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
+            for t in range(tiled, T):
+                out[t, n] = q8_0_row_dot(qs, d, m, xq, xd, xs, n, t)
 
 
 @njit(cache=True, fastmath=True)
@@ -136,14 +156,18 @@ def _matvec_float(fmt, s, f, x, out):
 @njit(cache=True)
 def linear(w, x, out, scratch):
     """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32.
-    scratch = (xq int16 (>= K,), xd float32 (>= K/32,), xs float32 (>= K/32,)) for one token."""
+    scratch: activation_scratch(>= T, >= K), where quantized weights read x as int16 per block."""
     fmt, qs, s, m, f = w
-    if x.shape[0] > 1:
-        _matmul(fmt, qs, s, m, f, x, out)
-    elif fmt == Q4_0 or fmt == Q4_1 or fmt == Q8_0:
+    T = x.shape[0]
+    if fmt == Q4_0 or fmt == Q4_1 or fmt == Q8_0:
         xq, xd, xs = scratch
-        quantize_activations(x[0], xq, xd, xs)
-        _matvec_quant(fmt, qs, s, m, xq, xd, xs, out[0])
+        if T == 1:
+            quantize_activations(x[0], xq[0], xd[0], xs[0])
+        else:
+            _quantize_rows(x, xq, xd, xs)
+        _matmul_quant(fmt, qs, s, m, xq, xd, xs, out)
+    elif T > 1:
+        _matmul(fmt, qs, s, m, f, x, out)
     else:
         _matvec_float(fmt, s, f, x[0], out[0])
 
@@ -240,6 +264,30 @@ def store_kv(qkv, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
             v_cache[s, j] = narrow(qkv[t, q_width + kv_width + j], v_cache)
 
 
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def exp_nonpositive(x):
+    """exp(x) for x <= 0 in plain arithmetic (Cephes' expf polynomial, < 2 ulp), so that a loop
+    of them vectorises; libm's exp is one call per value. Below -87 (and for -inf) it is 0."""
+    n = math.floor(x * np.float32(1.44269504) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    e = max(n, np.float32(-126.0))  # keeps the exponent bits valid; the select below zeroes these
+    return p * _f32_from_bits(np.int32(e + np.float32(127.0)) << 23) if x > np.float32(-87.0) else np.float32(0.0)
+
+
 @njit(cache=True, fastmath=True)
 def _dot(q, k):
     acc = np.float32(0.0)
@@ -271,24 +319,37 @@ def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_hea
         q = qkv[t, h * head_dim:(h + 1) * head_dim]
         kv = (h // group) * head_dim
         row = scores[th]
+        chunked = head_dim - head_dim % ROWS_CHUNK
+        for c in range(0, chunked, ROWS_CHUNK):
+            rows_dot_chunk(qkv[t], h * head_dim + c, n_slots, k_cache, kv + c, row, c > 0)
         best = np.float32(-np.inf)
         for s in range(n_slots):
             p = slot_pos[s]
             if p < 0 or p > pos or (window > 0 and p <= pos - window):
                 row[s] = -np.inf
             else:
-                row[s] = _dot(q, k_cache[s, kv:kv + head_dim]) * scale
+                if chunked < head_dim:
+                    partial = row[s] if chunked > 0 else np.float32(0.0)
+                    row[s] = partial + _dot(q[chunked:], k_cache[s, kv + chunked:kv + head_dim])
+                row[s] *= scale
                 best = max(best, row[s])
         total = np.float32(0.0)
         for s in range(n_slots):
-            row[s] = np.float32(math.exp(row[s] - best))
+            row[s] = exp_nonpositive(row[s] - best)
             total += row[s]
-        o = out[t, h * head_dim:(h + 1) * head_dim]
-        o[:] = 0.0
         inv = np.float32(1.0) / total
         for s in range(n_slots):
-            if row[s] != 0.0:
-                _axpy(row[s] * inv, v_cache[s, kv:kv + head_dim], o)
+            row[s] *= inv
+        o0 = h * head_dim
+        chunked = head_dim - head_dim % ROWS_CHUNK
+        for c in range(0, chunked, ROWS_CHUNK):
+            weighted_rows_sum(row, n_slots, v_cache, kv + c, out[t], o0 + c)
+        if chunked < head_dim:  # head dims that are not a multiple of 32 (small test models)
+            o = out[t, o0 + chunked:o0 + head_dim]
+            o[:] = 0.0
+            for s in range(n_slots):
+                if row[s] != 0.0:
+                    _axpy(row[s], v_cache[s, kv + chunked:kv + head_dim], o)
 
 
 @njit(cache=True)

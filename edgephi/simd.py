@@ -100,28 +100,40 @@ def _block_weights(builder, kind, qbase, row_offset, b):
     return builder.zext(builder.shuffle_vector(low, high, _lanes(range(32))), _vec(I16, 32))
 
 
-def _make_row_dot(kind: str):
-    """row_dot(qs, d, m, xq, xd, xs, n) -> float32: row n of a q4_0/q4_1/q8_0 matrix (planes qs, d, m
-    as in kernels.py) dotted with activations quantized per block: x_hat[32b + j] = xq[32b + j] * xd[b],
-    xs[b] = sum of the block's x_hat (for q4_1's minimum and q4_0's -8)."""
+def _make_row_dot(kind: str, tokens: int):
+    """row_dot(qs, d, m, xq, xd, xs, n, t0): row n of a q4_0/q4_1/q8_0 matrix (planes qs, d, m as in
+    kernels.py) dotted with tokens t0 .. t0 + tokens - 1 of activations quantized per block:
+    x_hat[t, 32b + j] = xq[t, 32b + j] * xd[t, b], xs[t, b] = sum of the block's x_hat (for q4_1's
+    minimum and q4_0's -8). Returns a float32, or a tuple of them for tiles of several tokens,
+    which unpack each block of weights once for all of them (prefill)."""
 
     @intrinsic
-    def row_dot(typingctx, qs, d, m, xq, xd, xs, n):
-        sig = types.float32(qs, d, m, xq, xd, xs, types.intp)
+    def row_dot(typingctx, qs, d, m, xq, xd, xs, n, t0):
+        result = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
+        sig = result(qs, d, m, xq, xd, xs, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             qa, da, ma, xqa, xda, xsa = (context.make_array(t)(context, builder, a)
                                          for t, a in zip(signature.args[:6], args[:6]))
             n_blocks = builder.extract_value(da.shape, 1)
-            row = args[6]
+            row, t0 = args[6], args[7]
             q_row = builder.mul(row, builder.extract_value(qa.strides, 0))
             s_row = builder.mul(row, builder.extract_value(da.strides, 0))
             qbase = builder.bitcast(qa.data, I8.as_pointer())
             dbase = builder.bitcast(da.data, I8.as_pointer())
             mbase = builder.bitcast(ma.data, I8.as_pointer())
-            xqbase = builder.bitcast(xqa.data, I16.as_pointer())
-            xdbase = builder.bitcast(xda.data, F32.as_pointer())
-            xsbase = builder.bitcast(xsa.data, F32.as_pointer())
+            xq_rows = [builder.gep(builder.bitcast(xqa.data, I8.as_pointer()),
+                                   [builder.mul(builder.add(t0, ir.Constant(I64, i)), builder.extract_value(xqa.strides, 0))])
+                       for i in range(tokens)]
+            xd_rows = [builder.gep(builder.bitcast(xda.data, I8.as_pointer()),
+                                   [builder.mul(builder.add(t0, ir.Constant(I64, i)), builder.extract_value(xda.strides, 0))])
+                       for i in range(tokens)]
+            xs_rows = [builder.gep(builder.bitcast(xsa.data, I8.as_pointer()),
+                                   [builder.mul(builder.add(t0, ir.Constant(I64, i)), builder.extract_value(xsa.strides, 0))])
+                       for i in range(tokens)]
+            xq_rows = [builder.bitcast(p, I16.as_pointer()) for p in xq_rows]
+            xd_rows = [builder.bitcast(p, F32.as_pointer()) for p in xd_rows]
+            xs_rows = [builder.bitcast(p, F32.as_pointer()) for p in xs_rows]
 
             entry = builder.block
             head = builder.append_basic_block("rowdot.head")
@@ -130,46 +142,193 @@ def _make_row_dot(kind: str):
             builder.branch(head)
             builder.position_at_end(head)
             b = builder.phi(I64)
-            acc = builder.phi(_vec(F32, LANES))  # sum of scale * integer dot, lane-wise
-            offset = builder.phi(F32)  # sum of the blocks' constant terms
             b.add_incoming(ir.Constant(I64, 0), entry)
-            acc.add_incoming(_splat_const(F32, LANES, 0.0), entry)
-            offset.add_incoming(ir.Constant(F32, 0.0), entry)
+            accs, offsets = [], []
+            for _ in range(tokens):
+                acc = builder.phi(_vec(F32, LANES))  # sum of scale * integer dot, lane-wise
+                offset = builder.phi(F32)  # sum of the blocks' constant terms
+                acc.add_incoming(_splat_const(F32, LANES, 0.0), entry)
+                offset.add_incoming(ir.Constant(F32, 0.0), entry)
+                accs.append(acc)
+                offsets.append(offset)
             builder.cbranch(builder.icmp_signed("<", b, n_blocks), body, done)
 
             builder.position_at_end(body)
-            xp = builder.gep(xqbase, [builder.mul(b, ir.Constant(I64, 32))])
-            x16 = builder.load(builder.bitcast(xp, _vec(I16, 32).as_pointer()), align=2)
-            w16 = _block_weights(builder, kind, qbase, q_row, b)
-            w_lo, w_hi = _halves(builder, w16)
-            x_lo, x_hi = _halves(builder, x16)
-            dot = builder.add(_pmaddwd(builder, w_lo, x_lo), _pmaddwd(builder, w_hi, x_hi))
+            w_lo, w_hi = _halves(builder, _block_weights(builder, kind, qbase, q_row, b))
             s_off = builder.add(s_row, builder.mul(b, ir.Constant(I64, 2)))
             d_w = _f16_at(builder, dbase, s_off)
-            scale = builder.fmul(d_w, builder.load(builder.gep(xdbase, [b])), flags=FAST)
-            term = builder.fmul(builder.sitofp(dot, _vec(F32, LANES)), _broadcast(builder, scale, LANES), flags=FAST)
-            acc_next = builder.fadd(acc, term, flags=FAST)
-            if kind == "q8_0":
-                offset_next = offset
-            else:
-                x_sum = builder.load(builder.gep(xsbase, [b]))
-                # q4_1: + m * sum(x); q4_0: values are q - 8, so - 8 * d * sum(x)
-                low = _f16_at(builder, mbase, s_off) if kind == "q4_1" else builder.fmul(d_w, ir.Constant(F32, -8.0))
-                offset_next = builder.fadd(offset, builder.fmul(low, x_sum, flags=FAST), flags=FAST)
+            if kind == "q4_1":
+                low = _f16_at(builder, mbase, s_off)
+            elif kind == "q4_0":
+                low = builder.fmul(d_w, ir.Constant(F32, -8.0))  # values are q - 8
+            new_accs, new_offsets = [], []
+            for i in range(tokens):
+                xp = builder.gep(xq_rows[i], [builder.mul(b, ir.Constant(I64, 32))])
+                x_lo, x_hi = _halves(builder, builder.load(builder.bitcast(xp, _vec(I16, 32).as_pointer()), align=2))
+                dot = builder.add(_pmaddwd(builder, w_lo, x_lo), _pmaddwd(builder, w_hi, x_hi))
+                scale = builder.fmul(d_w, builder.load(builder.gep(xd_rows[i], [b])), flags=FAST)
+                term = builder.fmul(builder.sitofp(dot, _vec(F32, LANES)), _broadcast(builder, scale, LANES), flags=FAST)
+                new_accs.append(builder.fadd(accs[i], term, flags=FAST))
+                if kind == "q8_0":
+                    new_offsets.append(offsets[i])
+                else:
+                    x_sum = builder.load(builder.gep(xs_rows[i], [b]))
+                    new_offsets.append(builder.fadd(offsets[i], builder.fmul(low, x_sum, flags=FAST), flags=FAST))
             last = builder.block
             b.add_incoming(builder.add(b, ir.Constant(I64, 1)), last)
-            acc.add_incoming(acc_next, last)
-            offset.add_incoming(offset_next, last)
+            for i in range(tokens):
+                accs[i].add_incoming(new_accs[i], last)
+                offsets[i].add_incoming(new_offsets[i], last)
             builder.branch(head)
 
             builder.position_at_end(done)
-            return builder.fadd(_reduce(builder, acc), offset, flags=FAST)
+            sums = [builder.fadd(_reduce(builder, accs[i]), offsets[i], flags=FAST) for i in range(tokens)]
+            return sums[0] if tokens == 1 else context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
 
     return row_dot
 
 
-q4_0_row_dot = _make_row_dot("q4_0")
-q4_1_row_dot = _make_row_dot("q4_1")
-q8_0_row_dot = _make_row_dot("q8_0")
+TILE_TOKENS = 4  # tokens per prefill tile: each block of weights is unpacked once for four tokens
+q4_0_row_dot = _make_row_dot("q4_0", 1)
+q4_1_row_dot = _make_row_dot("q4_1", 1)
+q8_0_row_dot = _make_row_dot("q8_0", 1)
+q4_0_tile_dot = _make_row_dot("q4_0", TILE_TOKENS)
+q4_1_tile_dot = _make_row_dot("q4_1", TILE_TOKENS)
+q8_0_tile_dot = _make_row_dot("q8_0", TILE_TOKENS)
+
+
+ROWS_CHUNK = 32  # columns weighted_rows_sum handles per call: four 8-lane accumulators
+
+
+@intrinsic
+def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
+    """out[out_col + i] = sum_{s < n_rows, weights[s] != 0} weights[s] * rows[s, col + i], i < 32.
+    rows: a 2-D C-contiguous float32 or float16-bits (uint16) array (attention's V cache). The 32
+    sums stay in registers across all rows, where a loop of slice updates stores them every row."""
+    sig = types.void(weights, types.intp, rows, types.intp, out, types.intp)
+    half = rows.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        wa = context.make_array(signature.args[0])(context, builder, args[0])
+        ra = context.make_array(signature.args[2])(context, builder, args[2])
+        oa = context.make_array(signature.args[4])(context, builder, args[4])
+        n_rows, col, out_col = args[1], args[3], args[5]
+        row_bytes = builder.extract_value(ra.strides, 0)
+        itemsize = 2 if half else 4
+        wbase = builder.bitcast(wa.data, F32.as_pointer())
+        rbase = builder.bitcast(ra.data, I8.as_pointer())
+        obase = builder.bitcast(oa.data, F32.as_pointer())
+        col_bytes = builder.mul(col, ir.Constant(I64, itemsize))
+        groups = ROWS_CHUNK // LANES
+        zero = _splat_const(F32, LANES, 0.0)
+
+        entry = builder.block
+        head = builder.append_basic_block("wrs.head")
+        body = builder.append_basic_block("wrs.body")
+        use = builder.append_basic_block("wrs.use")
+        latch = builder.append_basic_block("wrs.latch")
+        done = builder.append_basic_block("wrs.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        s = builder.phi(I64)
+        accs = [builder.phi(_vec(F32, LANES)) for _ in range(groups)]
+        s.add_incoming(ir.Constant(I64, 0), entry)
+        for a in accs:
+            a.add_incoming(zero, entry)
+        builder.cbranch(builder.icmp_signed("<", s, n_rows), body, done)
+
+        builder.position_at_end(body)
+        w = builder.load(builder.gep(wbase, [s]))
+        builder.cbranch(builder.fcmp_ordered("!=", w, ir.Constant(F32, 0.0)), use, latch)
+
+        builder.position_at_end(use)
+        wv = _broadcast(builder, w, LANES)
+        row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
+        updated = []
+        for g, a in enumerate(accs):
+            p = builder.gep(rbase, [builder.add(row_start, ir.Constant(I64, g * LANES * itemsize))])
+            if half:
+                bits = builder.load(builder.bitcast(p, _vec(I16, LANES).as_pointer()), align=2)
+                vals = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), LANES)), _vec(F32, LANES))
+            else:
+                vals = builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
+            updated.append(builder.fadd(a, builder.fmul(wv, vals, flags=FAST), flags=FAST))
+        builder.branch(latch)
+
+        builder.position_at_end(latch)
+        for a, new in zip(accs, updated):  # phis first: a row with weight 0 leaves the sums as they were
+            merged = builder.phi(_vec(F32, LANES))
+            merged.add_incoming(a, body)
+            merged.add_incoming(new, use)
+            a.add_incoming(merged, latch)
+        s.add_incoming(builder.add(s, ir.Constant(I64, 1)), latch)
+        builder.branch(head)
+
+        builder.position_at_end(done)
+        for g, a in enumerate(accs):
+            p = builder.gep(obase, [builder.add(out_col, ir.Constant(I64, g * LANES))])
+            builder.store(a, builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def rows_dot_chunk(typingctx, q, q_col, n_rows, rows, col, out, accumulate):
+    """out[s] (+)= sum_{i < 32} q[q_col + i] * rows[s, col + i] for every s < n_rows: attention's
+    q . k over 32 columns of the K cache (float32 or float16 bits), q held in registers."""
+    sig = types.void(q, types.intp, types.intp, rows, types.intp, out, types.boolean)
+    half = rows.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        qa = context.make_array(signature.args[0])(context, builder, args[0])
+        ra = context.make_array(signature.args[3])(context, builder, args[3])
+        oa = context.make_array(signature.args[5])(context, builder, args[5])
+        q_col, n_rows, col, accumulate = args[1], args[2], args[4], args[6]
+        row_bytes = builder.extract_value(ra.strides, 0)
+        itemsize = 2 if half else 4
+        qbase = builder.bitcast(qa.data, F32.as_pointer())
+        rbase = builder.bitcast(ra.data, I8.as_pointer())
+        obase = builder.bitcast(oa.data, F32.as_pointer())
+        col_bytes = builder.mul(col, ir.Constant(I64, itemsize))
+        groups = ROWS_CHUNK // LANES
+        qv = []
+        for g in range(groups):
+            p = builder.gep(qbase, [builder.add(q_col, ir.Constant(I64, g * LANES))])
+            qv.append(builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4))
+
+        entry = builder.block
+        head = builder.append_basic_block("rdc.head")
+        body = builder.append_basic_block("rdc.body")
+        done = builder.append_basic_block("rdc.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        s = builder.phi(I64)
+        s.add_incoming(ir.Constant(I64, 0), entry)
+        builder.cbranch(builder.icmp_signed("<", s, n_rows), body, done)
+
+        builder.position_at_end(body)
+        row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
+        acc = None
+        for g in range(groups):
+            p = builder.gep(rbase, [builder.add(row_start, ir.Constant(I64, g * LANES * itemsize))])
+            if half:
+                bits = builder.load(builder.bitcast(p, _vec(I16, LANES).as_pointer()), align=2)
+                vals = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), LANES)), _vec(F32, LANES))
+            else:
+                vals = builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
+            prod = builder.fmul(qv[g], vals, flags=FAST)
+            acc = prod if acc is None else builder.fadd(acc, prod, flags=FAST)
+        dot = _reduce(builder, acc)
+        op = builder.gep(obase, [s])
+        previous = builder.select(accumulate, builder.load(op), ir.Constant(F32, 0.0))
+        builder.store(builder.fadd(previous, dot, flags=FAST), op)
+        s.add_incoming(builder.add(s, ir.Constant(I64, 1)), builder.block)
+        builder.branch(head)
+
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
