@@ -24,6 +24,12 @@ from .simd import (ROWS_CHUNK, TILE_TOKENS, q4_0_row_dot, q4_0_tile_dot, q4_1_ro
 
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
 
+# Kernels with prange loops (and callers of them) are not cached on their own: numba's cached code
+# for a function that calls another cached parallel kernel can hold a null pointer to that
+# kernel's gufunc when the two were compiled in different processes (seen here as a segfault
+# in forward). forward() is cached and compiles them in-process, so its cache is whole.
+CACHE_PARALLEL = False
+
 
 @intrinsic
 def f16_to_f32(typingctx, bits):
@@ -67,13 +73,13 @@ def quantize_activations(x, xq, xd, xs):
         xs[b] = np.float32(total) * xd[b]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE_PARALLEL, parallel=True)
 def _quantize_rows(x, xq, xd, xs):
     for t in prange(x.shape[0]):
         quantize_activations(x[t], xq[t], xd[t], xs[t])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=CACHE_PARALLEL, parallel=True)
 def _matmul_quant(fmt, qs, d, m, xq, xd, xs, out):
     """out[t, n] = W[n] . x[t] for q4_0 / q4_1 / q8_0 rows, x given by quantize_activations.
     One row per task (measured faster than tiles of rows with these block dots); tokens in tiles
@@ -125,7 +131,7 @@ def _dequantize_row(fmt, qs, s, m, f, n, row):
                 row[b * 32 + 16 + j] = np.float32(byte >> 4) * scale + low
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
 def _matmul(fmt, qs, s, m, f, x, out):
     """out (T, N) = x (T, K) @ W.T: each row of W is widened once, then used for all T tokens."""
     T, K = x.shape
@@ -139,7 +145,7 @@ def _matmul(fmt, qs, s, m, f, x, out):
             out[t, n] = acc
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
 def _matvec_float(fmt, s, f, x, out):
     K = x.shape[0]
     for n in prange(out.shape[0]):
@@ -153,7 +159,7 @@ def _matvec_float(fmt, s, f, x, out):
         out[n] = acc
 
 
-@njit(cache=True)
+@njit(cache=CACHE_PARALLEL)
 def linear(w, x, out, scratch):
     """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32.
     scratch: activation_scratch(>= T, >= K), where quantized weights read x as int16 per block."""
@@ -302,7 +308,7 @@ def _axpy(w, v, out):
         out[j] += w * widen(v[j])
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
 def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_heads, n_kv_heads, head_dim,
               scores, out):
     """Causal attention of each new token over the cache slots holding earlier-or-equal positions

@@ -91,7 +91,10 @@ def test_quantized_logits_match_transformers_on_dequantized_weights(checkpoint_f
     ids = random_ids(40, seed=3)
     ours, expected, unquantized = model.logits(ids), hf_logits(ref, ids), hf_logits(exact, ids)
     quantization_error = rel_err(expected, unquantized)
-    assert rel_err(ours, expected) < 1e-4 < quantization_error / 10
+    # quantized linears read activations as int16 per block of 32 (<= 2^-16 of the block's largest
+    # value per element): about 1.5e-4 here after two layers, against 4e-2..4e-1 for the weights'
+    # own rounding (llama.cpp's 8-bit activations cost 2.4% on SmolLM2)
+    assert rel_err(ours, expected) < 4e-4 < quantization_error / 50
 
 
 @pytest.fixture(scope="module")
