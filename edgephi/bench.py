@@ -9,6 +9,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numba import njit, prange
+
+from . import jit_cache  # noqa: F401  (numba's cache folder)
 
 
 @dataclass
@@ -22,9 +25,44 @@ class BenchResult:
     decode_tok_s: float
     ttft_s: float  # prefill of the prompt until the first token's logits (median)
     peak_rss_mb: float
+    weight_bytes_per_token: int  # every linear's planes, the norms and one embedding row
+    read_gb_s: float  # this machine's memory read bandwidth with the same threads, measured after the run
+    bandwidth_fraction: float  # decode_tok_s / (read_gb_s / weight_bytes_per_token)
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@njit(cache=True, parallel=True)
+def _sum_words(words):
+    total = 0
+    for i in prange(words.shape[0]):
+        total += words[i]
+    return total
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, repetitions: int = 5) -> float:
+    """GB/s of a parallel sum over a buffer far larger than the caches (best of several runs)."""
+    words = np.ones(n_bytes // 8, np.uint64)
+    _sum_words(words)
+    best = 0.0
+    for _ in range(repetitions):
+        t0 = time.perf_counter()
+        _sum_words(words)
+        best = max(best, n_bytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def decode_bytes(weights) -> int:
+    """Bytes of weights one decode step reads: all of every linear, the norms, one embedding row."""
+    def size(w):
+        return sum(a.nbytes for a in w[1:])
+    total = size(weights.output) + weights.norm.nbytes
+    for layer in range(len(weights.qkv)):
+        total += sum(size(ws[layer]) for ws in (weights.qkv, weights.o, weights.gate_up, weights.down))
+        total += weights.attn_norms[layer].nbytes + weights.ffn_norms[layer].nbytes
+    embed_rows = max(1, weights.embed[1].shape[0], weights.embed[4].shape[0])
+    return total + size(weights.embed) // embed_rows
 
 
 def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5) -> BenchResult:
@@ -60,6 +98,10 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5)
         decode.append(gen_tokens / (t3 - t2))
     import numba
 
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the bandwidth probe's buffer
+    decode_tok_s = statistics.median(decode)
+    per_token = decode_bytes(model.weights)
+    read_gb_s = read_bandwidth()
     return BenchResult(prompt_tokens, gen_tokens, numba.get_num_threads(), load_s, jit_s, statistics.median(prefill),
-                       statistics.median(decode), statistics.median(ttft),
-                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                       decode_tok_s, statistics.median(ttft), peak_rss_mb, per_token, read_gb_s,
+                       decode_tok_s * per_token / (read_gb_s * 1e9))

@@ -265,5 +265,7 @@ def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json):
     click.echo(f"  time to first token {r.ttft_s:6.3f} s (prompt of {prompt_tokens})")
     click.echo(f"  load {r.load_s:.3f} s, first step (JIT compile or cache load) {r.jit_s:.3f} s")
     click.echo(f"  peak RSS {r.peak_rss_mb:.0f} MiB")
+    click.echo(f"  decode reads {r.weight_bytes_per_token / 1e6:.1f} MB of weights per token; memory reads "
+               f"{r.read_gb_s:.1f} GB/s here, so decode runs at {r.bandwidth_fraction:.0%} of the bandwidth bound")
     if as_json:
         click.echo(json.dumps(r.as_dict()))
