@@ -332,6 +332,13 @@ def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_hea
     T = qkv.shape[0]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
+    # Until the ring wraps, slots hold increasing positions: the slots a token may see are then a
+    # prefix, and a prefill token stops there instead of scoring the later ones only to mask them.
+    ordered = n_slots > 0 and slot_pos[0] >= 0
+    for s in range(1, n_slots):
+        if slot_pos[s] <= slot_pos[s - 1]:
+            ordered = False
+            break
     for th in prange(T * n_heads):
         t = th // n_heads
         h = th % n_heads
@@ -339,11 +346,12 @@ def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_hea
         q = qkv[t, h * head_dim:(h + 1) * head_dim]
         kv = (h // group) * head_dim
         row = scores[th]
+        n = np.searchsorted(slot_pos[:n_slots], pos, side="right") if ordered else n_slots
         chunked = head_dim - head_dim % ROWS_CHUNK
         for c in range(0, chunked, ROWS_CHUNK):
-            rows_dot_chunk(qkv[t], h * head_dim + c, n_slots, k_cache, kv + c, row, c > 0)
+            rows_dot_chunk(qkv[t], h * head_dim + c, n, k_cache, kv + c, row, c > 0)
         best = np.float32(-np.inf)
-        for s in range(n_slots):
+        for s in range(n):
             p = slot_pos[s]
             if p < 0 or p > pos or (window > 0 and p <= pos - window):
                 row[s] = -np.inf
@@ -354,20 +362,20 @@ def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_hea
                 row[s] *= scale
                 best = max(best, row[s])
         total = np.float32(0.0)
-        for s in range(n_slots):
+        for s in range(n):
             row[s] = exp_nonpositive(row[s] - best)
             total += row[s]
         inv = np.float32(1.0) / total
-        for s in range(n_slots):
+        for s in range(n):
             row[s] *= inv
         o0 = h * head_dim
         chunked = head_dim - head_dim % ROWS_CHUNK
         for c in range(0, chunked, ROWS_CHUNK):
-            weighted_rows_sum(row, n_slots, v_cache, kv + c, out[t], o0 + c)
+            weighted_rows_sum(row, n, v_cache, kv + c, out[t], o0 + c)
         if chunked < head_dim:  # head dims that are not a multiple of 32 (small test models)
             o = out[t, o0 + chunked:o0 + head_dim]
             o[:] = 0.0
-            for s in range(n_slots):
+            for s in range(n):
                 if row[s] != 0.0:
                     _axpy(row[s], v_cache[s, kv + chunked:kv + head_dim], o)
 

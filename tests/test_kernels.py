@@ -485,3 +485,24 @@ def test_exp_nonpositive_matches_numpy():
     live = x > -87
     assert np.all(np.abs(got[live] - want[live]) <= 4e-7 * want[live])
     assert np.all(got[~live] == 0.0)  # masked attention slots must weigh exactly nothing
+
+
+@pytest.mark.parametrize("Dh", [16, 64])
+@pytest.mark.parametrize("window", [0, 3])
+def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
+    """Before the ring wraps, slot s holds position s: a prefill chunk's tokens see a prefix of the
+    slots (the kernel stops there) and never the chunk's later tokens."""
+    rng = np.random.default_rng(Dh + window)
+    H, Hk, C = 4, 2, 12
+    slot_pos = np.full(C, -1, np.int64)
+    slot_pos[:10] = np.arange(10)
+    positions = np.array([5, 6, 7, 8, 9], np.int64)
+    k = (rng.standard_normal((C, Hk * Dh)) * 2).astype(np.float32)
+    v = rng.standard_normal((C, Hk * Dh)).astype(np.float32)
+    qkv = (rng.standard_normal((5, (H + 2 * Hk) * Dh)) * 2).astype(np.float32)
+    scores = np.full((5 * H, C), np.nan, np.float32)
+    out = np.full((5, H * Dh), np.nan, np.float32)
+    kernels.attention(qkv, positions, k, v, slot_pos, 10, window, H, Hk, Dh, scores, out)
+    ref = attention_reference(qkv[:, :H * Dh].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                              slot_pos, positions, 10, window, H, Hk, Dh)
+    assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
