@@ -64,3 +64,25 @@ def test_chat_keeps_the_system_prompt_when_the_ring_wraps(tiny):
     tokens, positions, _ = model.cache.cached_tokens()
     assert list(tokens[:len(system_ids)]) == system_ids
     assert list(positions[:len(system_ids)]) == list(range(len(system_ids)))
+
+
+def _rss_mib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+
+def test_kv_cache_memory_grows_with_use_not_capacity():
+    """A large cache costs memory only for the slots written: one token in each of 30 layers of a
+    2 x 120 MiB cache must not map huge pages (2 MiB per layer and per K/V, as np.zeros did)."""
+    from edgephi.kv_cache import lazy_zeros
+
+    before = _rss_mib()
+    k = lazy_zeros((30, 8192, 256), np.uint16)
+    v = lazy_zeros((30, 8192, 256), np.uint16)
+    k[:, 0, :] = 1
+    v[:, 0, :] = 2
+    grown = _rss_mib() - before
+    assert k.sum() == 30 * 256 and v[:, 1:].max() == 0
+    assert grown < 8, f"{grown:.1f} MiB mapped for 60 written rows"
