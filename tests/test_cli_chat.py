@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests import fixtures
@@ -175,3 +176,20 @@ def test_bench_prints_figures_and_json(home):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "peak_rss_mb", "jit_s"):
         assert figures[key] > 0, key
     assert "tok/s" in done.stdout and figures["prompt_tokens"] == 32
+    # bytes per decode step, read off the weights file by the safetensors package: every tensor
+    # (the tied embedding serves as the output layer, read whole) plus one embedding row (its input)
+    from safetensors import safe_open
+
+    itemsize = {"U8": 1, "I8": 1, "U16": 2, "F16": 2, "BF16": 2, "F32": 4}
+    sizes = {}
+    with safe_open(home / "models" / "smollm2-135m-instruct" / "weights.safetensors", "np") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            sizes[name] = int(np.prod(sl.get_shape())) * itemsize[sl.get_dtype()]
+    assert not any(name.startswith("output") for name in sizes)  # SmolLM2 ties its embeddings
+    vocab = 49152
+    embed_row = sum(v for k, v in sizes.items() if k.startswith("embed")) // vocab
+    assert figures["weight_bytes_per_token"] == sum(sizes.values()) + embed_row
+    assert figures["read_gb_s"] > 1
+    ratio = figures["decode_tok_s"] * figures["weight_bytes_per_token"] / (figures["read_gb_s"] * 1e9)
+    assert abs(figures["bandwidth_fraction"] - ratio) < 1e-3 and "bandwidth bound" in done.stdout
