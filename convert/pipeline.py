@@ -4,8 +4,6 @@ built in a temporary folder beside OUT and renamed into place only when complete
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +19,7 @@ from edgephi.safetensors_io import SafetensorsWriter
 
 from .gguf_source import GGUFModel
 from .hf_source import HFCheckpoint
+from .staging import check_target, staged_folder
 from .tensors import SourceTensor
 
 CHUNK_ELEMENTS = 8 << 20  # rows quantized per step: bounds memory to a few hundred MB
@@ -111,8 +110,7 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
     for q in (quant, embed_quant):
         if q is not None and q not in FORMATS:
             raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(FORMATS)})")
-    if out.exists() and not force:
-        raise EdgephiError(f"{out}: already exists (use --force to replace it)")
+    check_target(out, force)
     known = models.presets()
     if preset is not None and preset not in known:
         raise EdgephiError(f"unknown preset {preset!r} (known: {', '.join(known)})")
@@ -134,23 +132,12 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
         raise EdgephiError(f"{src}: tokenizer has {tokenizer.n_vocab} ids but the embedding only "
                            f"{config.vocab_size} rows")
 
-    created = next((p for p in reversed(out.absolute().parents) if not p.exists()), None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     report = Report(out)
-    try:
+    with staged_folder(out) as tmp:
         _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress)
         (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
         tokenizer.save(tmp)
         (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(_generation(source, tokenizer, preset_info), indent=1) + "\n")
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:  # folders this run made for OUT: a failed run leaves nothing
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     report.bytes_on_disk = sum(p.stat().st_size for p in out.iterdir())
     report.seconds = time.perf_counter() - started
     return report
@@ -207,14 +194,3 @@ def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, Q
         writer.abort()
         raise
     writer.close()
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing OUT (--force) is removed only after."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.rename(tmp, out)
