@@ -1,0 +1,264 @@
+"""edgephi model folder -> ONNX decoder in onnxruntime-genai's layout (inputs input_ids, attention_mask,
+position_ids, past_key_values.{i}.key/.value; outputs logits, present.{i}.key/.value).
+
+Quantized linears become com.microsoft::MatMulNBits with the edgephi blocks repacked bit for bit:
+q4_0 -> bits 4 with the default zero point 8; q4_1 -> bits 4 with zero points 0 plus the blocks'
+minimums as a separate product with the input's block sums (MatMulNBits' zero point would have to be
+-m/d, which float32 cannot always hold exactly); q8_0 -> bits 8 with the default zero point 128.
+Float weights become plain MatMul. Attention, RoPE (partial rotary, LongRoPE) and RMSNorm are plain
+ONNX operators, so any onnxruntime build runs the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgephi.errors import EdgephiError, ModelFormatError
+from edgephi.format import WEIGHTS_FILE, ModelConfig, expected_shape, read_config
+from edgephi.quant import BLOCK, FORMATS, dequantize, plane_key, plane_layout
+from edgephi.safetensors_io import SafetensorsFile
+
+from .onnx_graph import FLOAT, INT64, MS_DOMAIN, Graph
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+NEG_LARGE = np.float32(np.finfo(np.float32).min)  # masked scores: exp() gives exactly 0
+
+
+@dataclass
+class ModelTensors:
+    """Raw planes of an edgephi model, read from its mapped weights file."""
+    folder: Path
+    cfg: ModelConfig
+    st: SafetensorsFile
+
+    def planes(self, name: str) -> tuple[str, dict[str, np.ndarray]]:
+        recipe = self.cfg.tensors.get(name)
+        if recipe is None or recipe["format"] not in FORMATS or tuple(recipe["shape"]) != expected_shape(self.cfg, name):
+            raise ModelFormatError(f"{self.folder / 'config.json'}: no usable recipe for tensor {name!r}")
+        fmt = FORMATS[recipe["format"]]
+        out = {}
+        for plane, (dtype, shape) in plane_layout(fmt, tuple(recipe["shape"])).items():
+            key = plane_key(name, plane)
+            if key not in self.st.header:
+                raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: tensor {key!r} is missing")
+            arr = self.st.raw(key).view(dtype)
+            if arr.shape != tuple(shape):
+                raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: tensor {key!r} has shape {list(arr.shape)}, "
+                                       f"not {list(shape)}")
+            out[plane] = arr
+        return fmt.name, out
+
+    def vector(self, name: str) -> np.ndarray:
+        return np.asarray(self.planes(name)[1][""], dtype=np.float32)
+
+
+def open_model(folder: Path) -> ModelTensors:
+    cfg = read_config(folder)
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: missing")
+    return ModelTensors(Path(folder), cfg, SafetensorsFile(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def matmulnbits_q4(qs: np.ndarray) -> np.ndarray:
+    """ggml nibbles (byte j of a block: element j low, element j + 16 high) -> MatMulNBits' order
+    (byte i: element 2i low, element 2i + 1 high); [N, K/2] -> [N, K/32, 16]."""
+    rows = qs.shape[0]
+    blocks = qs.reshape(rows, -1, 16)
+    values = np.concatenate([blocks & np.uint8(15), blocks >> np.uint8(4)], axis=2)  # [N, nb, 32] in order
+    return (values[:, :, 0::2] | (values[:, :, 1::2] << np.uint8(4))).astype(np.uint8)
+
+
+def _float_matrix(fmt: str, planes: dict) -> np.ndarray:
+    return dequantize(planes, FORMATS[fmt]).astype(np.float32)
+
+
+def linear(g: Graph, x: str, name: str, fmt: str, planes: dict, in_features: int, out_features: int) -> str:
+    """x [..., K] @ W.T with W stored as `fmt` planes; exact in the weights."""
+    if fmt in ("f32", "f16"):
+        w = g.weight(name, _float_matrix(fmt, planes).T.copy())
+        return g.op("MatMul", x, w)
+    n_blocks = in_features // BLOCK
+    scales = g.weight(f"{name}.scales", planes["d"].view(np.float16).astype(np.float32).reshape(-1))
+    if fmt == "q8_0":
+        packed = (planes["qs"].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(out_features, n_blocks, BLOCK)
+        bits = 8
+    else:
+        packed = matmulnbits_q4(planes["qs"])
+        bits = 4
+    inputs = [x, g.weight(f"{name}.qweight", packed), scales]
+    if fmt == "q4_1":
+        inputs.append(g.weight(f"{name}.zero_points", np.zeros((out_features, (n_blocks + 1) // 2), np.uint8)))
+    y = g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=in_features, N=out_features, bits=bits, block_size=BLOCK)
+    if fmt != "q4_1":
+        return y
+    # + sum_b m[n, b] * sum_{j in block b} x[j]
+    blocks = g.op("Reshape", x, g.const([0, 0, n_blocks, BLOCK]))
+    block_sums = g.op("ReduceSum", blocks, g.const([-1]), keepdims=0)
+    minimums = g.weight(f"{name}.minimums", planes["m"].view(np.float16).astype(np.float32).T.copy())
+    return g.op("Add", y, g.op("MatMul", block_sums, minimums))
+
+
+def rms_norm(g: Graph, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
+    scale = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_square, g.const(np.float32(eps), np.float32))))
+    return g.op("Mul", g.op("Mul", x, scale), g.weight(name, weight))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention pieces shared by every layer
+
+
+def rope_tables(g: Graph, cfg: ModelConfig, position_ids: str, total_length: str) -> tuple[str, str]:
+    """cos and sin [B, 1, S, R/2] of the positions, scaled by LongRoPE's attention factor. LongRoPE
+    takes its long factors once the sequence (past + new) is longer than the original context,
+    as transformers does for a whole sequence."""
+    half = cfg.rotary_dim // 2
+    exponent = np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / np.float32(cfg.rotary_dim)
+    base = np.float32(cfg.rope_theta) ** exponent
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        inv_freq = g.weight("rope.inv_freq", (np.float32(1.0) / base).astype(np.float32))
+        factor = np.float32(1.0)
+    else:
+        short = (np.float32(1.0) / (np.asarray(scaling.short_factor, np.float32) * base)).astype(np.float32)
+        long = (np.float32(1.0) / (np.asarray(scaling.long_factor, np.float32) * base)).astype(np.float32)
+        beyond = g.op("Greater", total_length, g.const(cfg.original_max_position_embeddings))
+        inv_freq = g.op("Where", beyond, g.weight("rope.inv_freq_long", long), g.weight("rope.inv_freq_short", short))
+        factor = np.float32(scaling.attention_factor)
+    positions = g.op("Unsqueeze", g.op("Cast", position_ids, to=FLOAT), g.const([-1]))  # [B, S, 1]
+    angles = g.op("Mul", positions, g.op("Reshape", inv_freq, g.const([1, 1, half])))  # [B, S, R/2]
+    tables = []
+    for fn in ("Cos", "Sin"):
+        t = g.op(fn, angles)
+        if factor != 1.0:
+            t = g.op("Mul", t, g.const(factor, np.float32))
+        tables.append(g.op("Unsqueeze", t, g.const([1])))
+    return tables[0], tables[1]
+
+
+def apply_rope(g: Graph, t: str, cos: str, sin: str, cfg: ModelConfig) -> str:
+    """rotate_half over the first R dims of every head: t [B, heads, S, Dh]."""
+    half, R, Dh = cfg.rotary_dim // 2, cfg.rotary_dim, cfg.head_dim
+
+    def dims(start, stop):
+        return g.op("Slice", t, g.const([start]), g.const([stop]), g.const([3]))
+    x1, x2 = dims(0, half), dims(half, R)
+    first = g.op("Sub", g.op("Mul", x1, cos), g.op("Mul", x2, sin))
+    second = g.op("Add", g.op("Mul", x2, cos), g.op("Mul", x1, sin))
+    parts = [first, second] + ([dims(R, Dh)] if R < Dh else [])
+    return g.op("Concat", *parts, axis=3)
+
+
+def attention_bias(g: Graph, cfg: ModelConfig, attention_mask: str, total_length: str, new_length: str) -> str:
+    """[B, 1, G*S, T] additive mask: 0 where query s (at position T - S + s) may see key j (j <= its
+    position, attention_mask[b, j] == 1, and within the sliding window), else a huge negative.
+    Rows repeat per query head of a group (heads are grouped as [Hk, G*S] below)."""
+    past = g.op("Sub", total_length, new_length)
+    key_pos = g.op("Range", g.const(0), total_length, g.const(1))  # [T]
+    query_pos = g.op("Range", past, total_length, g.const(1))  # [S]
+    keys = g.op("Unsqueeze", key_pos, g.const([0]))  # [1, T]
+    queries = g.op("Unsqueeze", query_pos, g.const([1]))  # [S, 1]
+    allowed = g.op("LessOrEqual", keys, queries)
+    if cfg.sliding_window:
+        allowed = g.op("And", allowed, g.op("Greater", keys, g.op("Sub", queries, g.const(cfg.sliding_window))))
+    present = g.op("Equal", attention_mask, g.const(1))  # [B, T]
+    allowed = g.op("And", g.op("Unsqueeze", present, g.const([1, 2])), allowed)  # [B, 1, S, T]
+    bias = g.op("Where", allowed, g.const(np.float32(0.0), np.float32), g.const(NEG_LARGE, np.float32))
+    group = cfg.num_heads // cfg.num_kv_heads
+    return g.op("Tile", bias, g.const([1, 1, group, 1])) if group > 1 else bias
+
+
+def attention(g: Graph, cfg: ModelConfig, qkv: str, cos: str, sin: str, bias: str, past_k: str, past_v: str,
+              layer: int) -> tuple[str, str, str]:
+    """qkv [B, S, (H + 2Hk) Dh] -> (attention output [B, S, H Dh], present key, present value)."""
+    H, Hk, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = g.op("Split", qkv, g.const([H * Dh, Hk * Dh, Hk * Dh]), axis=2, outputs=3)
+
+    def heads(t, n):  # [B, S, n Dh] -> [B, n, S, Dh]
+        return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, Dh])), perm=[0, 2, 1, 3])
+    q = apply_rope(g, heads(q, H), cos, sin, cfg)
+    k = apply_rope(g, heads(k, Hk), cos, sin, cfg)
+    present_k = g.op("Concat", past_k, k, axis=2, name=f"present.{layer}.key")
+    present_v = g.op("Concat", past_v, heads(v, Hk), axis=2, name=f"present.{layer}.value")
+    # query heads h = kv * G + g share kv head kv: [B, H, S, Dh] -> [B, Hk, G*S, Dh], no K/V copies
+    grouped = g.op("Reshape", q, g.const([0, Hk, -1, Dh]))
+    scores = g.op("MatMul", grouped, g.op("Transpose", present_k, perm=[0, 1, 3, 2]))
+    scores = g.op("Add", g.op("Mul", scores, g.const(np.float32(1.0 / np.sqrt(Dh)), np.float32)), bias)
+    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), present_v)  # [B, Hk, G*S, Dh]
+    out = g.op("Transpose", g.op("Reshape", out, g.const([0, H, -1, Dh])), perm=[0, 2, 1, 3])
+    return g.op("Reshape", out, g.const([0, 0, H * Dh])), present_k, present_v
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder
+
+
+def build_graph(model: ModelTensors) -> Graph:
+    cfg = model.cfg
+    if cfg.architecture not in ("phi3", "llama"):
+        raise EdgephiError(f"{model.folder}: the ONNX exporter does not cover architecture {cfg.architecture!r}")
+    D, F, H, Hk, Dh, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                          cfg.num_layers)
+    g = Graph()
+    input_ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
+    attention_mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
+    position_ids = g.input("position_ids", INT64, ["batch_size", "sequence_length"])
+    past = []
+    for i in range(L):
+        past.append(tuple(g.input(f"past_key_values.{i}.{kind}", FLOAT, ["batch_size", Hk, "past_sequence_length", Dh])
+                          for kind in ("key", "value")))
+
+    total_length = g.op("Gather", g.op("Shape", attention_mask), g.const(1), axis=0)
+    new_length = g.op("Gather", g.op("Shape", input_ids), g.const(1), axis=0)
+    cos, sin = rope_tables(g, cfg, position_ids, total_length)
+    bias = attention_bias(g, cfg, attention_mask, total_length, new_length)
+
+    embed_fmt, embed_planes = model.planes("embed")
+    x = g.op("Gather", g.weight("embed.float", _float_matrix(embed_fmt, embed_planes)), input_ids, axis=0)
+    presents = []
+    for i in range(L):
+        def lin(kind, t, k_in, n_out):
+            fmt, planes = model.planes(f"layers.{i}.{kind}")
+            return linear(g, t, f"layers.{i}.{kind}", fmt, planes, k_in, n_out)
+        h = rms_norm(g, x, model.vector(f"layers.{i}.attn_norm"), cfg.rms_norm_eps, f"layers.{i}.attn_norm")
+        attn, present_k, present_v = attention(g, cfg, lin("qkv", h, D, cfg.qkv_rows), cos, sin, bias, *past[i], i)
+        presents.append((present_k, present_v))
+        x = g.op("Add", x, lin("o", attn, H * Dh, D))
+        h = rms_norm(g, x, model.vector(f"layers.{i}.ffn_norm"), cfg.rms_norm_eps, f"layers.{i}.ffn_norm")
+        gate, up = g.op("Split", lin("gate_up", h, D, 2 * F), g.const([F, F]), axis=2, outputs=2)
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        x = g.op("Add", x, lin("down", act, F, D))
+    h = rms_norm(g, x, model.vector("norm"), cfg.rms_norm_eps, "norm")
+    out_name = "embed" if cfg.tie_word_embeddings else "output"
+    out_fmt, out_planes = model.planes(out_name)
+    logits = linear(g, h, out_name, out_fmt, out_planes, D, cfg.vocab_size)
+
+    g.output(logits, "logits", FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
+    for i, (k, v) in enumerate(presents):
+        g.output(k, f"present.{i}.key", FLOAT, ["batch_size", Hk, "total_sequence_length", Dh])
+        g.output(v, f"present.{i}.value", FLOAT, ["batch_size", Hk, "total_sequence_length", Dh])
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def save(graph: Graph, folder: Path) -> Path:
+    """model.onnx with every weight in model.onnx.data (as onnxruntime-genai lays it out)."""
+    import onnx
+
+    path = folder / MODEL_FILE
+    onnx.save_model(graph.model("edgephi"), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)  # small constants stay inline for shape inference
+    onnx.checker.check_model(str(path))  # by path: models past 2 GB are checked with their data file
+    return path
