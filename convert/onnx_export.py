@@ -262,3 +262,111 @@ def save(graph: Graph, folder: Path) -> Path:
                     location=DATA_FILE, size_threshold=1024)  # small constants stay inline for shape inference
     onnx.checker.check_model(str(path))  # by path: models past 2 GB are checked with their data file
     return path
+
+
+def genai_config(cfg: ModelConfig, generation: dict, context_length: int) -> dict:
+    """onnxruntime-genai's genai_config.json for the decoder written by build_graph."""
+    eos = list(generation.get("eos_token_ids") or [])
+    bos = generation.get("bos_token_id")
+    return {
+        "model": {
+            "bos_token_id": bos if bos is not None else (eos[0] if eos else 0),
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+            },
+            "eos_token_id": eos if len(eos) != 1 else eos[0],
+            "pad_token_id": eos[0] if eos else 0,
+            "type": cfg.architecture,  # phi3 or llama: both plain decoders to onnxruntime-genai
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    seconds: float = 0.0
+    files: dict = None  # name -> bytes
+    check_tokens: int = 0
+    max_abs_diff: float = 0.0  # onnxruntime's logits vs the edgephi runtime's, on a short prompt
+    max_rel_diff: float = 0.0  # ... over the largest |logit|
+
+
+EDGEPHI_SUBFOLDER = "edgephi"  # the source's edgephi config, tokenizer and generation settings
+
+
+def export_onnx(folder, out, *, force: bool = False, check: bool = True) -> ExportReport:
+    """Write the ONNX decoder of the edgephi model `folder` into `out` (staged, renamed when done):
+    model.onnx + model.onnx.data, genai_config.json, tokenizer.json / tokenizer_config.json, and
+    the edgephi files under edgephi/ (for edgephi's onnxruntime backend). check: run the graph on
+    a short prompt and compare its logits with the edgephi runtime's."""
+    import json
+    import shutil
+    import time
+
+    from edgephi.format import CONFIG_FILE, GENERATION_FILE, TOKENIZER_RANKS_FILE, TOKENIZER_SPEC_FILE
+    from edgephi.tokenizer_files import TokenizerSpec
+
+    from .hf_tokenizer_writer import write_hf_tokenizer
+    from .staging import check_target, staged_folder
+
+    started = time.perf_counter()
+    folder, out = Path(folder), Path(out)
+    check_target(out, force)
+    model = open_model(folder)
+    try:
+        generation = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"{folder / GENERATION_FILE}: unreadable ({exc})") from None
+    spec = TokenizerSpec.load(folder)
+    graph = build_graph(model)
+    context = model.cfg.max_position_embeddings
+    report = ExportReport(out)
+    with staged_folder(out) as tmp:
+        save(graph, tmp)
+        del graph
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(model.cfg, generation, context), indent=1) + "\n")
+        write_hf_tokenizer(spec, generation, tmp, context)
+        (tmp / EDGEPHI_SUBFOLDER).mkdir()
+        for name in (CONFIG_FILE, GENERATION_FILE, TOKENIZER_RANKS_FILE, TOKENIZER_SPEC_FILE):
+            shutil.copyfile(folder / name, tmp / EDGEPHI_SUBFOLDER / name)
+        if check:
+            _compare_with_runtime(folder, tmp, report)
+    report.files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+CHECK_TEXT = "The capital of France is Paris. Numbers: 12345, and code: def f(x): return x * 2"
+
+
+def _compare_with_runtime(folder: Path, exported: Path, report: ExportReport) -> None:
+    import edgephi
+    from edgephi.onnx_backend import OnnxDecoder
+
+    model = edgephi.load(folder, kv_dtype="float32")
+    ids = model.prompt_ids(CHECK_TEXT)[:24]
+    expected = model.logits(ids)
+    got = OnnxDecoder(exported).logits(ids)
+    diff = np.abs(got - expected)
+    report.check_tokens = len(ids)
+    report.max_abs_diff = float(diff.max())
+    report.max_rel_diff = float(diff.max() / np.abs(expected).max())

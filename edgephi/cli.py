@@ -92,6 +92,29 @@ def convert(src, out, quant, embed_quant, preset, force):
     print_conversion_report(report)
 
 
+@main.command("export-onnx")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists")
+@click.option("--no-check", is_flag=True, help="Skip running the exported graph against the edgephi runtime")
+@user_errors
+def export_onnx(model_path, out, force, no_check):
+    """Export the edgephi model folder MODEL as an ONNX folder OUT that onnxruntime and
+    onnxruntime-genai run (quantized linears as MatMulNBits)."""
+    try:
+        from convert.onnx_export import export_onnx as run
+    except ImportError as exc:
+        raise EdgephiError(f"ONNX export needs the onnx extra: pip install 'edgephi[onnx]' ({exc})") from None
+
+    report = run(model_path, out, force=force, check=not no_check)
+    click.echo(f"wrote {report.out} in {report.seconds:.1f} s")
+    for name, size in sorted(report.files.items()):
+        click.echo(f"  {name:24s} {size / 1e6:10.1f} MB")
+    if report.check_tokens:
+        click.echo(f"  onnxruntime vs edgephi logits on {report.check_tokens} tokens: max |diff| "
+                   f"{report.max_abs_diff:.3g} ({report.max_rel_diff:.2e} of the largest logit)")
+
+
 def sampling_options(fn):
     """The sampling flags shared by chat and generate (defaults as in SamplingParams)."""
     options = [
