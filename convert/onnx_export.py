@@ -81,8 +81,12 @@ def _float_matrix(fmt: str, planes: dict) -> np.ndarray:
     return dequantize(planes, FORMATS[fmt]).astype(np.float32)
 
 
-def linear(g: Graph, x: str, name: str, fmt: str, planes: dict, in_features: int, out_features: int) -> str:
-    """x [..., K] @ W.T with W stored as `fmt` planes; exact in the weights."""
+def linear(g: Graph, x: str, name: str, fmt: str, planes: dict, in_features: int, out_features: int,
+           int8_compute: bool = True) -> str:
+    """x [..., K] @ W.T with W stored as `fmt` planes; exact in the weights. int8_compute: 8-bit
+    weights multiply int8-quantized activations (MatMulNBits accuracy_level 4): onnxruntime 1.32
+    has no fast float path for them and dequantizes the whole matrix on every call otherwise
+    (184 ms for SmolLM2's output layer here, against 2.4 ms)."""
     if fmt in ("f32", "f16"):
         w = g.weight(name, _float_matrix(fmt, planes).T.copy())
         return g.op("MatMul", x, w)
@@ -97,7 +101,9 @@ def linear(g: Graph, x: str, name: str, fmt: str, planes: dict, in_features: int
     inputs = [x, g.weight(f"{name}.qweight", packed), scales]
     if fmt == "q4_1":
         inputs.append(g.weight(f"{name}.zero_points", np.zeros((out_features, (n_blocks + 1) // 2), np.uint8)))
-    y = g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=in_features, N=out_features, bits=bits, block_size=BLOCK)
+    level = 4 if bits == 8 and int8_compute else 0
+    y = g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, K=in_features, N=out_features, bits=bits, block_size=BLOCK,
+             accuracy_level=level)
     if fmt != "q4_1":
         return y
     # + sum_b m[n, b] * sum_{j in block b} x[j]
@@ -202,7 +208,7 @@ def attention(g: Graph, cfg: ModelConfig, qkv: str, cos: str, sin: str, bias: st
 # the decoder
 
 
-def build_graph(model: ModelTensors) -> Graph:
+def build_graph(model: ModelTensors, *, int8_compute: bool = True) -> Graph:
     cfg = model.cfg
     if cfg.architecture not in ("phi3", "llama"):
         raise EdgephiError(f"{model.folder}: the ONNX exporter does not cover architecture {cfg.architecture!r}")
@@ -223,12 +229,13 @@ def build_graph(model: ModelTensors) -> Graph:
     bias = attention_bias(g, cfg, attention_mask, total_length, new_length)
 
     embed_fmt, embed_planes = model.planes("embed")
-    x = g.op("Gather", g.weight("embed.float", _float_matrix(embed_fmt, embed_planes)), input_ids, axis=0)
+    embed = g.weight("embed.float", _float_matrix(embed_fmt, embed_planes))
+    x = g.op("Gather", embed, input_ids, axis=0)
     presents = []
     for i in range(L):
         def lin(kind, t, k_in, n_out):
             fmt, planes = model.planes(f"layers.{i}.{kind}")
-            return linear(g, t, f"layers.{i}.{kind}", fmt, planes, k_in, n_out)
+            return linear(g, t, f"layers.{i}.{kind}", fmt, planes, k_in, n_out, int8_compute)
         h = rms_norm(g, x, model.vector(f"layers.{i}.attn_norm"), cfg.rms_norm_eps, f"layers.{i}.attn_norm")
         attn, present_k, present_v = attention(g, cfg, lin("qkv", h, D, cfg.qkv_rows), cos, sin, bias, *past[i], i)
         presents.append((present_k, present_v))
@@ -238,9 +245,14 @@ def build_graph(model: ModelTensors) -> Graph:
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         x = g.op("Add", x, lin("down", act, F, D))
     h = rms_norm(g, x, model.vector("norm"), cfg.rms_norm_eps, "norm")
-    out_name = "embed" if cfg.tie_word_embeddings else "output"
-    out_fmt, out_planes = model.planes(out_name)
-    logits = linear(g, h, out_name, out_fmt, out_planes, D, cfg.vocab_size)
+    if cfg.tie_word_embeddings:
+        # the float embedding the Gather reads serves as the output layer too: exact, one copy
+        rows = g.op("Gemm", g.op("Reshape", h, g.const([-1, D])), embed, transB=1)
+        shape = g.op("Concat", g.op("Shape", input_ids), g.const([cfg.vocab_size]), axis=0)
+        logits = g.op("Reshape", rows, shape)
+    else:
+        out_fmt, out_planes = model.planes("output")
+        logits = linear(g, h, "output", out_fmt, out_planes, D, cfg.vocab_size, int8_compute)
 
     g.output(logits, "logits", FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])
     for i, (k, v) in enumerate(presents):
@@ -313,11 +325,11 @@ class ExportReport:
 EDGEPHI_SUBFOLDER = "edgephi"  # the source's edgephi config, tokenizer and generation settings
 
 
-def export_onnx(folder, out, *, force: bool = False, check: bool = True) -> ExportReport:
+def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_compute: bool = True) -> ExportReport:
     """Write the ONNX decoder of the edgephi model `folder` into `out` (staged, renamed when done):
     model.onnx + model.onnx.data, genai_config.json, tokenizer.json / tokenizer_config.json, and
     the edgephi files under edgephi/ (for edgephi's onnxruntime backend). check: run the graph on
-    a short prompt and compare its logits with the edgephi runtime's."""
+    a short prompt and compare its logits with the edgephi runtime's. int8_compute: see linear()."""
     import json
     import shutil
     import time
@@ -337,7 +349,7 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True) -> Expo
     except (OSError, ValueError) as exc:
         raise ModelFormatError(f"{folder / GENERATION_FILE}: unreadable ({exc})") from None
     spec = TokenizerSpec.load(folder)
-    graph = build_graph(model)
+    graph = build_graph(model, int8_compute=int8_compute)
     context = model.cfg.max_position_embeddings
     report = ExportReport(out)
     with staged_folder(out) as tmp:

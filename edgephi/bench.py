@@ -3,6 +3,7 @@ single-token decode steps from an empty context; tokenization and sampling exclu
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -25,9 +26,11 @@ class BenchResult:
     decode_tok_s: float
     ttft_s: float  # prefill of the prompt until the first token's logits (median)
     peak_rss_mb: float
-    weight_bytes_per_token: int  # every linear's planes, the norms and one embedding row
-    read_gb_s: float  # this machine's memory read bandwidth with the same threads, measured after the run
-    bandwidth_fraction: float  # decode_tok_s / (read_gb_s / weight_bytes_per_token)
+    backend: str = "numba"
+    # numba backend only (None on onnxruntime, whose weights onnxruntime lays out itself):
+    weight_bytes_per_token: int | None = None  # every linear's planes, the norms and one embedding row
+    read_gb_s: float | None = None  # memory read bandwidth with the same threads, measured after the run
+    bandwidth_fraction: float | None = None  # decode_tok_s / (read_gb_s / weight_bytes_per_token)
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -65,14 +68,14 @@ def decode_bytes(weights) -> int:
     return total + size(weights.embed) // embed_rows
 
 
-def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5) -> BenchResult:
+def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5, backend=None) -> BenchResult:
     from . import load
 
     for name, value in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens), ("repetitions", repetitions)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     started = time.perf_counter()
-    model = load(path, threads=threads, context=max(prompt_tokens, gen_tokens) + 8)
+    model = load(path, threads=threads, context=max(prompt_tokens, gen_tokens) + 8, backend=backend)
     load_s = time.perf_counter() - started
     rng = np.random.default_rng(0)
     vocab = model.tokenizer.n_vocab
@@ -96,12 +99,16 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5)
         prefill.append(prompt_tokens / (t1 - t0))
         ttft.append(t1 - t0)
         decode.append(gen_tokens / (t3 - t2))
-    import numba
-
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the bandwidth probe's buffer
     decode_tok_s = statistics.median(decode)
-    per_token = decode_bytes(model.weights)
-    read_gb_s = read_bandwidth()
-    return BenchResult(prompt_tokens, gen_tokens, numba.get_num_threads(), load_s, jit_s, statistics.median(prefill),
-                       decode_tok_s, statistics.median(ttft), peak_rss_mb, per_token, read_gb_s,
-                       decode_tok_s * per_token / (read_gb_s * 1e9))
+    result = BenchResult(prompt_tokens, gen_tokens, threads or os.cpu_count(), load_s, jit_s,
+                         statistics.median(prefill), decode_tok_s, statistics.median(ttft), peak_rss_mb,
+                         getattr(model, "backend", "numba"))
+    if result.backend == "numba":
+        import numba
+
+        result.threads = numba.get_num_threads()
+        result.weight_bytes_per_token = decode_bytes(model.weights)
+        result.read_gb_s = read_bandwidth()
+        result.bandwidth_fraction = decode_tok_s * result.weight_bytes_per_token / (result.read_gb_s * 1e9)
+    return result

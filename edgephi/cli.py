@@ -97,8 +97,10 @@ def convert(src, out, quant, embed_quant, preset, force):
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--force", is_flag=True, help="Replace OUT if it exists")
 @click.option("--no-check", is_flag=True, help="Skip running the exported graph against the edgephi runtime")
+@click.option("--exact-8bit", is_flag=True, help="Multiply q8_0 weights with float activations: exact, but "
+              "onnxruntime then dequantizes them on every call (slow); default: int8 activations, as llama.cpp")
 @user_errors
-def export_onnx(model_path, out, force, no_check):
+def export_onnx(model_path, out, force, no_check, exact_8bit):
     """Export the edgephi model folder MODEL as an ONNX folder OUT that onnxruntime and
     onnxruntime-genai run (quantized linears as MatMulNBits)."""
     try:
@@ -106,7 +108,7 @@ def export_onnx(model_path, out, force, no_check):
     except ImportError as exc:
         raise EdgephiError(f"ONNX export needs the onnx extra: pip install 'edgephi[onnx]' ({exc})") from None
 
-    report = run(model_path, out, force=force, check=not no_check)
+    report = run(model_path, out, force=force, check=not no_check, int8_compute=not exact_8bit)
     click.echo(f"wrote {report.out} in {report.seconds:.1f} s")
     for name, size in sorted(report.files.items()):
         click.echo(f"  {name:24s} {size / 1e6:10.1f} MB")
@@ -119,7 +121,8 @@ def sampling_options(fn):
     """The sampling flags shared by chat and generate (defaults as in SamplingParams)."""
     options = [
         click.option("-m", "--model", "model_path", default=None,
-                     help="An edgephi model folder [default: SmolLM2-135M-Instruct, fetched once]"),
+                     help="An edgephi model folder, or an ONNX folder from export-onnx "
+                     "[default: SmolLM2-135M-Instruct, fetched once]"),
         click.option("--max-tokens", type=int, default=512, show_default=True, help="Most tokens per reply"),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the likeliest token"),
         click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k likeliest tokens (0: all)"),
@@ -129,6 +132,8 @@ def sampling_options(fn):
         click.option("--seed", type=int, default=None, help="Seed for sampling"),
         click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]"),
         click.option("--context", type=int, default=None, help="KV ring capacity in tokens"),
+        click.option("--backend", type=click.Choice(["numba", "onnxruntime"]), default=None,
+                     help="[default: onnxruntime for a folder from export-onnx, else numba]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -152,10 +157,10 @@ def model_folder(model_path) -> Path:
     return path
 
 
-def open_model(model_path, threads, context):
+def open_model(model_path, threads, context, backend=None):
     from . import load
 
-    return load(model_folder(model_path), threads=threads, context=context)
+    return load(model_folder(model_path), threads=threads, context=context, backend=backend)
 
 
 def print_stats(stats) -> None:
@@ -167,11 +172,11 @@ def print_stats(stats) -> None:
 @sampling_options
 @click.option("--system", default=None, help="System prompt, kept for the whole conversation")
 @user_errors
-def chat(model_path, system, max_tokens, threads, context, **options):
+def chat(model_path, system, max_tokens, threads, context, backend, **options):
     """Chat with a model. Commands: /reset, /system TEXT, /stats, /exit. Ctrl-C stops a reply.
 
     When stdin is not a terminal, each line is one user turn and only the replies are printed."""
-    model = open_model(model_path, threads, context)
+    model = open_model(model_path, threads, context, backend)
     session = model.chat_session(system=system, max_new_tokens=max_tokens, **sampling_kwargs(options))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -217,13 +222,13 @@ def chat(model_path, system, max_tokens, threads, context, **options):
 @click.option("--stats", "show_stats", is_flag=True, help="Print speed figures to stderr")
 @click.argument("prompt")
 @user_errors
-def generate(model_path, prompt, max_tokens, threads, context, ignore_eos, special, show_stats, **options):
+def generate(model_path, prompt, max_tokens, threads, context, backend, ignore_eos, special, show_stats, **options):
     """Continue PROMPT (- reads it from stdin), streaming the text."""
     from .generate import GenerationStats
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = open_model(model_path, threads, context)
+    model = open_model(model_path, threads, context, backend)
     stats = GenerationStats()
     for piece in model.stream(prompt, max_new_tokens=max_tokens, ignore_eos=ignore_eos, special_tokens=special,
                               stats=stats, **sampling_kwargs(options)):
@@ -272,8 +277,10 @@ def info(model_path):
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
 @click.option("--repetitions", type=int, default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Also print one JSON object on the last line")
+@click.option("--backend", type=click.Choice(["numba", "onnxruntime"]), default=None,
+              help="[default: onnxruntime for a folder from export-onnx, else numba]")
 @user_errors
-def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json):
+def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json, backend):
     """Prefill and decode speed (llama-bench's convention), start-up times and peak memory."""
     import json
 
@@ -281,14 +288,15 @@ def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json):
 
     model_path = model_folder(model_path)
     r = benchmark.run(model_path, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                      repetitions=repetitions)
-    click.echo(f"model {model_path}, {r.threads} threads, median of {repetitions}")
+                      repetitions=repetitions, backend=backend)
+    click.echo(f"model {model_path} on {r.backend}, {r.threads} threads, median of {repetitions}")
     click.echo(f"  prefill pp{prompt_tokens}   {r.prefill_tok_s:8.1f} tok/s")
     click.echo(f"  decode  tg{gen_tokens}   {r.decode_tok_s:8.1f} tok/s")
     click.echo(f"  time to first token {r.ttft_s:6.3f} s (prompt of {prompt_tokens})")
     click.echo(f"  load {r.load_s:.3f} s, first step (JIT compile or cache load) {r.jit_s:.3f} s")
     click.echo(f"  peak RSS {r.peak_rss_mb:.0f} MiB")
-    click.echo(f"  decode reads {r.weight_bytes_per_token / 1e6:.1f} MB of weights per token; memory reads "
-               f"{r.read_gb_s:.1f} GB/s here, so decode runs at {r.bandwidth_fraction:.0%} of the bandwidth bound")
+    if r.weight_bytes_per_token is not None:
+        click.echo(f"  decode reads {r.weight_bytes_per_token / 1e6:.1f} MB of weights per token; memory reads "
+                   f"{r.read_gb_s:.1f} GB/s here, so decode runs at {r.bandwidth_fraction:.0%} of the bandwidth bound")
     if as_json:
         click.echo(json.dumps(r.as_dict()))

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterator
 
 import numba
 import numpy as np
 
-from .chat import ChatSession, check_messages
-from .errors import EdgephiError, ModelFormatError
-from .format import GENERATION_FILE, ModelConfig, read_config
+from .api import LanguageModel, read_generation_config
+from .errors import EdgephiError
+from .format import ModelConfig, read_config
 from .forward import Workspace, forward
-from .generate import GenerationStats, check_max_new_tokens, check_stop, text_stream, token_stream
 from .kv_cache import KVCache
-from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import load_weights
 
@@ -32,7 +28,7 @@ def rope_inv_freq(cfg: ModelConfig, factors) -> np.ndarray:
     return (np.float32(1.0) / base).astype(np.float32)
 
 
-class Model:
+class Model(LanguageModel):
     def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None,
                  kv_dtype: str = "float16"):
         folder = Path(folder)
@@ -42,10 +38,7 @@ class Model:
         self.config = cfg = read_config(folder)
         self.weights = load_weights(folder, cfg)
         self.tokenizer = Tokenizer.from_folder(folder)
-        try:
-            self.generation_config = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelFormatError(f"{folder / GENERATION_FILE}: unreadable ({exc})") from None
+        self.generation_config = read_generation_config(folder)
         if threads is not None:
             if not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -147,59 +140,3 @@ class Model:
         ids = list(ids)
         cache = KVCache(self.config, max(2, len(ids) + 1), sinks=0, dtype=self.kv_dtype)
         return self.feed(ids, cache=cache, all_logits=True)
-
-    # -- generation (the API apps use) ------------------------------------------------------------
-
-    def prompt_ids(self, prompt, special_tokens: bool = False) -> list[int]:
-        """Token ids of a prompt (text or ids), with BOS when the model wants one. An empty prompt
-        becomes [bos] when the model has a BOS token, else it is an error."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, allow_special=special_tokens)
-        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(i, (int, np.integer)) for i in prompt):
-            ids = [int(i) for i in prompt]
-        else:
-            raise ValueError("prompt must be a string or a list of token ids")
-        bos = self.generation_config.get("bos_token_id")
-        if bos is not None and (self.generation_config.get("add_bos_token") or not ids) and ids[:1] != [bos]:
-            ids = [bos] + ids
-        if not ids:
-            raise ValueError("prompt is empty and the model has no BOS token to start from")
-        return ids
-
-    def generate_tokens(self, prompt_ids, *, max_new_tokens: int = 256, stop=None, ignore_eos: bool = False,
-                        stats: GenerationStats | None = None, **sampling) -> Iterator[int]:
-        """Token ids continuing prompt_ids in a fresh context. sampling: temperature, top_k,
-        top_p, min_p, repetition_penalty, seed (see SamplingParams)."""
-        return self._fresh_stream(self.prompt_ids(list(prompt_ids)), max_new_tokens, check_stop(stop), ignore_eos,
-                                  stats, sampling)
-
-    def _fresh_stream(self, ids, max_new_tokens, stop, ignore_eos, stats, sampling) -> Iterator[int]:
-        params = SamplingParams(**sampling)
-        max_new_tokens = check_max_new_tokens(max_new_tokens)
-        self.cache.reset()
-        return token_stream(self, ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
-                            ignore_eos=ignore_eos, stats=stats)
-
-    def stream(self, prompt, *, special_tokens: bool = False, max_new_tokens: int = 256, stop=None,
-               ignore_eos: bool = False, stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
-        """Text pieces (always whole UTF-8 characters) continuing `prompt`."""
-        stop = check_stop(stop)
-        tokens = self._fresh_stream(self.prompt_ids(prompt, special_tokens), max_new_tokens, stop, ignore_eos,
-                                    stats, sampling)
-        return text_stream(self.tokenizer, tokens, stop)
-
-    def generate(self, prompt, **options) -> str:
-        return "".join(self.stream(prompt, **options))
-
-    def chat_session(self, *, system: str | None = None, **options) -> ChatSession:
-        """A conversation that keeps its KV cache between turns (see ChatSession)."""
-        return ChatSession(self, system=system, **options)
-
-    def chat(self, messages, **options) -> str:
-        """The assistant's reply to a list of messages, in a fresh context."""
-        session = ChatSession(self, **options)
-        session.messages = check_messages(messages)[:-1]
-        last = messages[-1]
-        if last["role"] != "user":
-            raise ValueError("the last message must be from the user")
-        return session(last["content"])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFormatError
+from .api import LanguageModel, read_generation_config
+from .errors import EdgephiError, ModelFormatError
 
 MODEL_FILE = "model.onnx"
 
@@ -64,3 +65,83 @@ class OnnxDecoder:
         """Logits of `ids` in a fresh context."""
         self.reset()
         return self.feed(list(ids))
+
+
+EDGEPHI_SUBFOLDER = "edgephi"  # written by the exporter: config, tokenizer, generation settings
+
+
+def is_onnx_folder(folder) -> bool:
+    folder = Path(folder)
+    return (folder / MODEL_FILE).is_file() and (folder / EDGEPHI_SUBFOLDER).is_dir()
+
+
+class OnnxCache:
+    """The exported decoder's KV arrays seen through the cache interface the chat session uses.
+    No ring: a conversation longer than the context is an error (the numba backend wraps)."""
+
+    def __init__(self, decoder: OnnxDecoder, capacity: int):
+        self.decoder = decoder
+        self.capacity = capacity
+        self.owner = None
+
+    @property
+    def next_pos(self) -> int:
+        return self.decoder.length
+
+    def reset(self) -> None:
+        self.decoder.reset()
+        self.owner = None
+
+    def truncate(self, n: int) -> bool:
+        if n > self.next_pos:
+            return False
+        self.decoder.truncate(n)
+        return True
+
+    def keep_prefix(self, n: int) -> None:
+        """Nothing to pin: without a ring no position is ever overwritten."""
+
+
+class OnnxModel(LanguageModel):
+    """An exported ONNX folder run by onnxruntime, with the generation and chat API of edgephi.load."""
+
+    def __init__(self, folder, *, threads: int | None = None, context: int | None = None):
+        from .format import read_config
+        from .tokenizer import Tokenizer
+
+        self.folder = Path(folder)
+        if not is_onnx_folder(self.folder):
+            raise ModelFormatError(f"{self.folder}: not an ONNX folder written by `edgephi export-onnx`")
+        own = self.folder / EDGEPHI_SUBFOLDER
+        self.config = read_config(own)
+        self.tokenizer = Tokenizer.from_folder(own)
+        self.generation_config = read_generation_config(own)
+        self.decoder = OnnxDecoder(self.folder, threads=threads)
+        context = context or self.config.max_position_embeddings
+        if not isinstance(context, int) or context < 2:
+            raise ValueError(f"context must be an integer >= 2, got {context!r}")
+        self.cache = OnnxCache(self.decoder, context)
+        self.backend = "onnxruntime"
+
+    def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError("tokens must be a non-empty list of token ids")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        if self.cache.next_pos + len(tokens) > self.cache.capacity:
+            raise EdgephiError(f"context full ({self.cache.capacity} tokens): the onnxruntime backend does not "
+                               f"wrap its cache; start a new conversation or raise --context")
+        logits = self.decoder.feed(tokens)
+        return logits if all_logits else logits[-1:]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.feed([token])
+
+    def logits(self, ids) -> np.ndarray:
+        """float32 (len(ids), V) logits of `ids` in a fresh context (the conversation's cache is kept)."""
+        kept = self.decoder.past
+        try:
+            return self.decoder.logits(list(ids))
+        finally:
+            self.decoder.past = kept
