@@ -225,3 +225,45 @@ def test_export_of_an_uncovered_architecture(checkpoint_factory, tmp_path):
     assert done.returncode != 0 and "gpt_neox" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "onnx").exists() and not list(tmp_path.glob(".onnx*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# edgephi's onnxruntime backend
+
+
+def test_onnxruntime_backend_chats_like_the_numba_backend(smollm2_onnx):
+    """`edgephi chat` on the exported folder: the same two-turn answers as the numba backend,
+    through onnxruntime alone (numba is never imported)."""
+    model_folder, folder, _ = smollm2_onnx
+    turns = "What is the capital of France?\nAnd of Germany?\n"
+    code = ("import sys; from edgephi.cli import main\n"
+            "try:\n    main()\nfinally:\n    print('numba imported' if 'numba' in sys.modules else 'numba not imported',"
+            " file=sys.stderr)")
+    replies = {}
+    for name, path in (("onnx", folder), ("numba", model_folder)):
+        done = subprocess.run([sys.executable, "-c", code, "chat", "-m", str(path)], input=turns,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        replies[name] = done.stdout
+        assert ("numba not imported" in done.stderr) == (name == "onnx"), done.stderr
+    assert "Paris" in replies["onnx"] and "Berlin" in replies["onnx"]
+    assert replies["onnx"] == replies["numba"]
+
+
+def test_onnxruntime_backend_api_and_bench(smollm2_onnx):
+    model_folder, folder, _ = smollm2_onnx
+    onnx_model = edgephi.load(folder)
+    numba_model = edgephi.load(model_folder)
+    assert onnx_model.backend == "onnxruntime"
+    ids = onnx_model.prompt_ids("The sea is")
+    assert rel_err(onnx_model.logits(ids), numba_model.logits(ids)) < 1e-3
+    assert onnx_model.generate("The sea is", max_new_tokens=12) == numba_model.generate("The sea is", max_new_tokens=12)
+    with pytest.raises(ValueError):
+        edgephi.load(folder, backend="tensorflow")
+    with pytest.raises(edgephi.errors.EdgephiError, match="not an ONNX folder"):
+        edgephi.load(model_folder, backend="onnxruntime")
+    done = run_cli("bench", "-m", str(folder), "--prompt-tokens", "16", "--gen-tokens", "4", "--repetitions", "1",
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["backend"] == "onnxruntime" and figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0
