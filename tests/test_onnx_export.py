@@ -267,3 +267,29 @@ def test_onnxruntime_backend_api_and_bench(smollm2_onnx):
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["backend"] == "onnxruntime" and figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0
+
+
+@pytest.mark.parametrize("variant", ["phi3_gqa_partial", "phi3_sliding", "phi3_longrope"])
+def test_genai_runs_phi3_exports_like_edgephi(checkpoint_factory, tmp_path, variant):
+    """onnxruntime-genai on q4_0 Phi-3-architecture exports (model type phi3, Phi-4-mini's vocabulary):
+    its greedy tokens are edgephi's. LongRoPE: the same until the sequence outgrows the original
+    context (32 here), where the cached keys keep their short rotation (see the README)."""
+    src = checkpoint_factory(variant, "float32", tokenizer="phi4_mini")
+    convert(src, tmp_path / "m", quant="q4_0", embed_quant="q8_0")
+    export_onnx(tmp_path / "m", tmp_path / "onnx")
+    ids = random_ids(20, seed=1, vocab=500)
+    want = list(edgephi.load(tmp_path / "m").generate_tokens(ids, max_new_tokens=24, ignore_eos=True))
+    model = og.Model(str(tmp_path / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(ids, dtype=np.int32))
+    got = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    if variant == "phi3_longrope":
+        assert got[:12] == want[:12] and got != want  # positions 20..31, then the documented difference
+    else:
+        assert got == want
+    assert json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["model"]["type"] == "phi3"
