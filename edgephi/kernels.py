@@ -82,29 +82,34 @@ def _quantize_rows(x, xq, xd, xs):
 TOKEN_BLOCK_BYTES = 192 * 1024  # int16 activations per token block: stays in a core's L2 while rows stream
 
 
+@njit(cache=True, inline="always")
+def _tile_dot(fmt, qs, d, m, xq, xd, xs, n, t):
+    if fmt == Q4_1:
+        return q4_1_tile_dot(qs, d, m, xq, xd, xs, n, t)
+    if fmt == Q4_0:
+        return q4_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
+    return q8_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
+
+
+@njit(cache=True, inline="always")
+def _row_dot(fmt, qs, d, m, xq, xd, xs, n, t):
+    if fmt == Q4_1:
+        return q4_1_row_dot(qs, d, m, xq, xd, xs, n, t)
+    if fmt == Q4_0:
+        return q4_0_row_dot(qs, d, m, xq, xd, xs, n, t)
+    return q8_0_row_dot(qs, d, m, xq, xd, xs, n, t)
+
+
 @njit(cache=CACHE_PARALLEL, parallel=True)
 def _matmul_quant_block(fmt, qs, d, m, xq, xd, xs, out, t_start, t_stop):
     """out[t, n] for t_start <= t < t_stop: one weight row per task, tokens in tiles of TILE_TOKENS
     (each block of weights unpacked once for four of them), then single tokens."""
     tiled = t_stop - (t_stop - t_start) % TILE_TOKENS
-    if fmt == Q4_1:
-        for n in prange(out.shape[1]):
-            for t in range(t_start, tiled, TILE_TOKENS):
-                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = q4_1_tile_dot(qs, d, m, xq, xd, xs, n, t)
-            for t in range(tiled, t_stop):
-                out[t, n] = q4_1_row_dot(qs, d, m, xq, xd, xs, n, t)
-    elif fmt == Q4_0:
-        for n in prange(out.shape[1]):
-            for t in range(t_start, tiled, TILE_TOKENS):
-                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = q4_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
-            for t in range(tiled, t_stop):
-                out[t, n] = q4_0_row_dot(qs, d, m, xq, xd, xs, n, t)
-    else:
-        for n in prange(out.shape[1]):
-            for t in range(t_start, tiled, TILE_TOKENS):
-                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = q8_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
-            for t in range(tiled, t_stop):
-                out[t, n] = q8_0_row_dot(qs, d, m, xq, xd, xs, n, t)
+    for n in prange(out.shape[1]):
+        for t in range(t_start, tiled, TILE_TOKENS):
+            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = _tile_dot(fmt, qs, d, m, xq, xd, xs, n, t)
+        for t in range(tiled, t_stop):
+            out[t, n] = _row_dot(fmt, qs, d, m, xq, xd, xs, n, t)
 
 
 @njit(cache=CACHE_PARALLEL)
