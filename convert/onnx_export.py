@@ -208,13 +208,29 @@ def attention(g: Graph, cfg: ModelConfig, qkv: str, cos: str, sin: str, bias: st
 # the decoder
 
 
-def build_graph(model: ModelTensors, *, int8_compute: bool = True) -> Graph:
+def _dequantized_rows(fmt: str, planes: dict, rows_per_part: int = 8192):
+    """A quantized matrix as float32 row blocks (a 200k-row embedding is 2.5 GB in float)."""
+    rows = next(iter(planes.values())).shape[0]
+    for start in range(0, rows, rows_per_part):
+        yield _float_matrix(fmt, {k: v[start:start + rows_per_part] for k, v in planes.items()})
+
+
+def build_graph(model: ModelTensors, *, int8_compute: bool = True, data_path: Path | None = None) -> Graph:
+    """The decoder graph; with data_path, its large weights are written there as they are added."""
+    if model.cfg.architecture not in ("phi3", "llama"):
+        raise EdgephiError(f"{model.folder}: the ONNX exporter does not cover architecture {model.cfg.architecture!r}")
+    g = Graph(data_path)
+    try:
+        _decoder(g, model, int8_compute)
+    finally:
+        g.close_data()
+    return g
+
+
+def _decoder(g: Graph, model: ModelTensors, int8_compute: bool) -> None:
     cfg = model.cfg
-    if cfg.architecture not in ("phi3", "llama"):
-        raise EdgephiError(f"{model.folder}: the ONNX exporter does not cover architecture {cfg.architecture!r}")
     D, F, H, Hk, Dh, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.num_layers)
-    g = Graph()
     input_ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
     attention_mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
     position_ids = g.input("position_ids", INT64, ["batch_size", "sequence_length"])
@@ -229,7 +245,7 @@ def build_graph(model: ModelTensors, *, int8_compute: bool = True) -> Graph:
     bias = attention_bias(g, cfg, attention_mask, total_length, new_length)
 
     embed_fmt, embed_planes = model.planes("embed")
-    embed = g.weight("embed.float", _float_matrix(embed_fmt, embed_planes))
+    embed = g.weight_rows("embed.float", (cfg.vocab_size, D), np.float32, _dequantized_rows(embed_fmt, embed_planes))
     x = g.op("Gather", embed, input_ids, axis=0)
     presents = []
     for i in range(L):
@@ -258,7 +274,6 @@ def build_graph(model: ModelTensors, *, int8_compute: bool = True) -> Graph:
     for i, (k, v) in enumerate(presents):
         g.output(k, f"present.{i}.key", FLOAT, ["batch_size", Hk, "total_sequence_length", Dh])
         g.output(v, f"present.{i}.value", FLOAT, ["batch_size", Hk, "total_sequence_length", Dh])
-    return g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,12 +281,11 @@ def build_graph(model: ModelTensors, *, int8_compute: bool = True) -> Graph:
 
 
 def save(graph: Graph, folder: Path) -> Path:
-    """model.onnx with every weight in model.onnx.data (as onnxruntime-genai lays it out)."""
+    """model.onnx beside the model.onnx.data its weights were written to (build_graph's data_path)."""
     import onnx
 
     path = folder / MODEL_FILE
-    onnx.save_model(graph.model("edgephi"), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)  # small constants stay inline for shape inference
+    onnx.save_model(graph.model("edgephi"), str(path))
     onnx.checker.check_model(str(path))  # by path: models past 2 GB are checked with their data file
     return path
 
@@ -349,12 +363,10 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_co
     except (OSError, ValueError) as exc:
         raise ModelFormatError(f"{folder / GENERATION_FILE}: unreadable ({exc})") from None
     spec = TokenizerSpec.load(folder)
-    graph = build_graph(model, int8_compute=int8_compute)
     context = model.cfg.max_position_embeddings
     report = ExportReport(out)
     with staged_folder(out) as tmp:
-        save(graph, tmp)
-        del graph
+        save(build_graph(model, int8_compute=int8_compute, data_path=tmp / DATA_FILE), tmp)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model.cfg, generation, context), indent=1) + "\n")
         write_hf_tokenizer(spec, generation, tmp, context)
         (tmp / EDGEPHI_SUBFOLDER).mkdir()
