@@ -88,6 +88,51 @@ def _reduce(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
+def _counted_loop(builder, count, initial, body, name):
+    """Emit `for i in range(count)` carrying the values `initial`: body(i, values) emits the loop
+    body (it may add blocks) and returns the next values. Returns the values after the loop."""
+    entry = builder.block
+    head = builder.append_basic_block(f"{name}.head")
+    loop = builder.append_basic_block(f"{name}.body")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    i = builder.phi(I64)
+    i.add_incoming(ir.Constant(I64, 0), entry)
+    values = []
+    for value in initial:
+        phi = builder.phi(value.type)
+        phi.add_incoming(value, entry)
+        values.append(phi)
+    builder.cbranch(builder.icmp_signed("<", i, count), loop, done)
+    builder.position_at_end(loop)
+    following = body(i, values)
+    last = builder.block
+    i.add_incoming(builder.add(i, ir.Constant(I64, 1)), last)
+    for phi, value in zip(values, following):
+        phi.add_incoming(value, last)
+    builder.branch(head)
+    builder.position_at_end(done)
+    return values
+
+
+def _token_rows(builder, array, t0, count, elem):
+    """Pointers to rows t0 .. t0 + count - 1 of a 2-D array, typed elem*."""
+    stride = builder.extract_value(array.strides, 0)
+    base = builder.bitcast(array.data, I8.as_pointer())
+    return [builder.bitcast(builder.gep(base, [builder.mul(builder.add(t0, ir.Constant(I64, i)), stride)]),
+                            elem.as_pointer()) for i in range(count)]
+
+
+def _lanes_at(builder, base, byte_offset, half):
+    """8 float32 values at base + byte_offset, stored as float32 or as float16 bits."""
+    p = builder.gep(base, [byte_offset])
+    if half:
+        bits = builder.load(builder.bitcast(p, _vec(I16, LANES).as_pointer()), align=2)
+        return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), LANES)), _vec(F32, LANES))
+    return builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
+
+
 def _block_weights(builder, kind, qbase, row_offset, b):
     """The 32 weights of block b as <32 x i16>, in the order of the block's activations."""
     if kind == "q8_0":
@@ -122,66 +167,37 @@ def _make_row_dot(kind: str, tokens: int):
             qbase = builder.bitcast(qa.data, I8.as_pointer())
             dbase = builder.bitcast(da.data, I8.as_pointer())
             mbase = builder.bitcast(ma.data, I8.as_pointer())
-            xq_rows = [builder.gep(builder.bitcast(xqa.data, I8.as_pointer()),
-                                   [builder.mul(builder.add(t0, ir.Constant(I64, i)), builder.extract_value(xqa.strides, 0))])
-                       for i in range(tokens)]
-            xd_rows = [builder.gep(builder.bitcast(xda.data, I8.as_pointer()),
-                                   [builder.mul(builder.add(t0, ir.Constant(I64, i)), builder.extract_value(xda.strides, 0))])
-                       for i in range(tokens)]
-            xs_rows = [builder.gep(builder.bitcast(xsa.data, I8.as_pointer()),
-                                   [builder.mul(builder.add(t0, ir.Constant(I64, i)), builder.extract_value(xsa.strides, 0))])
-                       for i in range(tokens)]
-            xq_rows = [builder.bitcast(p, I16.as_pointer()) for p in xq_rows]
-            xd_rows = [builder.bitcast(p, F32.as_pointer()) for p in xd_rows]
-            xs_rows = [builder.bitcast(p, F32.as_pointer()) for p in xs_rows]
+            xq_rows, xd_rows, xs_rows = (_token_rows(builder, a, t0, tokens, elem)
+                                         for a, elem in ((xqa, I16), (xda, F32), (xsa, F32)))
 
-            entry = builder.block
-            head = builder.append_basic_block("rowdot.head")
-            body = builder.append_basic_block("rowdot.body")
-            done = builder.append_basic_block("rowdot.done")
-            builder.branch(head)
-            builder.position_at_end(head)
-            b = builder.phi(I64)
-            b.add_incoming(ir.Constant(I64, 0), entry)
-            accs, offsets = [], []
-            for _ in range(tokens):
-                acc = builder.phi(_vec(F32, LANES))  # sum of scale * integer dot, lane-wise
-                offset = builder.phi(F32)  # sum of the blocks' constant terms
-                acc.add_incoming(_splat_const(F32, LANES, 0.0), entry)
-                offset.add_incoming(ir.Constant(F32, 0.0), entry)
-                accs.append(acc)
-                offsets.append(offset)
-            builder.cbranch(builder.icmp_signed("<", b, n_blocks), body, done)
+            def block(b, carried):
+                accs, offsets = carried[:tokens], carried[tokens:]
+                w_lo, w_hi = _halves(builder, _block_weights(builder, kind, qbase, q_row, b))
+                s_off = builder.add(s_row, builder.mul(b, ir.Constant(I64, 2)))
+                d_w = _f16_at(builder, dbase, s_off)
+                if kind == "q4_1":
+                    low = _f16_at(builder, mbase, s_off)
+                elif kind == "q4_0":
+                    low = builder.fmul(d_w, ir.Constant(F32, -8.0))  # values are q - 8
+                new_accs, new_offsets = [], []
+                for i in range(tokens):
+                    xp = builder.gep(xq_rows[i], [builder.mul(b, ir.Constant(I64, 32))])
+                    x_lo, x_hi = _halves(builder, builder.load(builder.bitcast(xp, _vec(I16, 32).as_pointer()), align=2))
+                    dot = builder.add(_pmaddwd(builder, w_lo, x_lo), _pmaddwd(builder, w_hi, x_hi))
+                    scale = builder.fmul(d_w, builder.load(builder.gep(xd_rows[i], [b])), flags=FAST)
+                    term = builder.fmul(builder.sitofp(dot, _vec(F32, LANES)), _broadcast(builder, scale, LANES), flags=FAST)
+                    new_accs.append(builder.fadd(accs[i], term, flags=FAST))
+                    if kind == "q8_0":
+                        new_offsets.append(offsets[i])
+                    else:
+                        x_sum = builder.load(builder.gep(xs_rows[i], [b]))
+                        new_offsets.append(builder.fadd(offsets[i], builder.fmul(low, x_sum, flags=FAST), flags=FAST))
+                return new_accs + new_offsets
 
-            builder.position_at_end(body)
-            w_lo, w_hi = _halves(builder, _block_weights(builder, kind, qbase, q_row, b))
-            s_off = builder.add(s_row, builder.mul(b, ir.Constant(I64, 2)))
-            d_w = _f16_at(builder, dbase, s_off)
-            if kind == "q4_1":
-                low = _f16_at(builder, mbase, s_off)
-            elif kind == "q4_0":
-                low = builder.fmul(d_w, ir.Constant(F32, -8.0))  # values are q - 8
-            new_accs, new_offsets = [], []
-            for i in range(tokens):
-                xp = builder.gep(xq_rows[i], [builder.mul(b, ir.Constant(I64, 32))])
-                x_lo, x_hi = _halves(builder, builder.load(builder.bitcast(xp, _vec(I16, 32).as_pointer()), align=2))
-                dot = builder.add(_pmaddwd(builder, w_lo, x_lo), _pmaddwd(builder, w_hi, x_hi))
-                scale = builder.fmul(d_w, builder.load(builder.gep(xd_rows[i], [b])), flags=FAST)
-                term = builder.fmul(builder.sitofp(dot, _vec(F32, LANES)), _broadcast(builder, scale, LANES), flags=FAST)
-                new_accs.append(builder.fadd(accs[i], term, flags=FAST))
-                if kind == "q8_0":
-                    new_offsets.append(offsets[i])
-                else:
-                    x_sum = builder.load(builder.gep(xs_rows[i], [b]))
-                    new_offsets.append(builder.fadd(offsets[i], builder.fmul(low, x_sum, flags=FAST), flags=FAST))
-            last = builder.block
-            b.add_incoming(builder.add(b, ir.Constant(I64, 1)), last)
-            for i in range(tokens):
-                accs[i].add_incoming(new_accs[i], last)
-                offsets[i].add_incoming(new_offsets[i], last)
-            builder.branch(head)
-
-            builder.position_at_end(done)
+            # per token: the lane-wise sum of scale * integer dot, and the blocks' constant terms
+            initial = [_splat_const(F32, LANES, 0.0)] * tokens + [ir.Constant(F32, 0.0)] * tokens
+            carried = _counted_loop(builder, n_blocks, initial, block, "rowdot")
+            accs, offsets = carried[:tokens], carried[tokens:]
             sums = [builder.fadd(_reduce(builder, accs[i]), offsets[i], flags=FAST) for i in range(tokens)]
             return sums[0] if tokens == 1 else context.make_tuple(builder, signature.return_type, sums)
 
@@ -222,51 +238,31 @@ def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
         obase = builder.bitcast(oa.data, F32.as_pointer())
         col_bytes = builder.mul(col, ir.Constant(I64, itemsize))
         groups = ROWS_CHUNK // LANES
-        zero = _splat_const(F32, LANES, 0.0)
 
-        entry = builder.block
-        head = builder.append_basic_block("wrs.head")
-        body = builder.append_basic_block("wrs.body")
-        use = builder.append_basic_block("wrs.use")
-        latch = builder.append_basic_block("wrs.latch")
-        done = builder.append_basic_block("wrs.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        s = builder.phi(I64)
-        accs = [builder.phi(_vec(F32, LANES)) for _ in range(groups)]
-        s.add_incoming(ir.Constant(I64, 0), entry)
-        for a in accs:
-            a.add_incoming(zero, entry)
-        builder.cbranch(builder.icmp_signed("<", s, n_rows), body, done)
+        def row(s, accs):
+            w = builder.load(builder.gep(wbase, [s]))
+            use = builder.append_basic_block("wrs.use")
+            merge = builder.append_basic_block("wrs.merge")
+            skipped_from = builder.block
+            builder.cbranch(builder.fcmp_ordered("!=", w, ir.Constant(F32, 0.0)), use, merge)
+            builder.position_at_end(use)
+            wv = _broadcast(builder, w, LANES)
+            row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
+            updated = [builder.fadd(a, builder.fmul(wv, _lanes_at(builder, rbase, builder.add(
+                row_start, ir.Constant(I64, g * LANES * itemsize)), half), flags=FAST), flags=FAST)
+                for g, a in enumerate(accs)]
+            used_from = builder.block
+            builder.branch(merge)
+            builder.position_at_end(merge)
+            merged = []
+            for a, new in zip(accs, updated):  # a row with weight 0 leaves the sums as they were
+                phi = builder.phi(_vec(F32, LANES))
+                phi.add_incoming(a, skipped_from)
+                phi.add_incoming(new, used_from)
+                merged.append(phi)
+            return merged
 
-        builder.position_at_end(body)
-        w = builder.load(builder.gep(wbase, [s]))
-        builder.cbranch(builder.fcmp_ordered("!=", w, ir.Constant(F32, 0.0)), use, latch)
-
-        builder.position_at_end(use)
-        wv = _broadcast(builder, w, LANES)
-        row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
-        updated = []
-        for g, a in enumerate(accs):
-            p = builder.gep(rbase, [builder.add(row_start, ir.Constant(I64, g * LANES * itemsize))])
-            if half:
-                bits = builder.load(builder.bitcast(p, _vec(I16, LANES).as_pointer()), align=2)
-                vals = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), LANES)), _vec(F32, LANES))
-            else:
-                vals = builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
-            updated.append(builder.fadd(a, builder.fmul(wv, vals, flags=FAST), flags=FAST))
-        builder.branch(latch)
-
-        builder.position_at_end(latch)
-        for a, new in zip(accs, updated):  # phis first: a row with weight 0 leaves the sums as they were
-            merged = builder.phi(_vec(F32, LANES))
-            merged.add_incoming(a, body)
-            merged.add_incoming(new, use)
-            a.add_incoming(merged, latch)
-        s.add_incoming(builder.add(s, ir.Constant(I64, 1)), latch)
-        builder.branch(head)
-
-        builder.position_at_end(done)
+        accs = _counted_loop(builder, n_rows, [_splat_const(F32, LANES, 0.0)] * groups, row, "wrs")
         for g, a in enumerate(accs):
             p = builder.gep(obase, [builder.add(out_col, ir.Constant(I64, g * LANES))])
             builder.store(a, builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
@@ -299,36 +295,19 @@ def rows_dot_chunk(typingctx, q, q_col, n_rows, rows, col, out, accumulate):
             p = builder.gep(qbase, [builder.add(q_col, ir.Constant(I64, g * LANES))])
             qv.append(builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4))
 
-        entry = builder.block
-        head = builder.append_basic_block("rdc.head")
-        body = builder.append_basic_block("rdc.body")
-        done = builder.append_basic_block("rdc.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        s = builder.phi(I64)
-        s.add_incoming(ir.Constant(I64, 0), entry)
-        builder.cbranch(builder.icmp_signed("<", s, n_rows), body, done)
+        def row(s, _):
+            row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
+            acc = None
+            for g in range(groups):
+                vals = _lanes_at(builder, rbase, builder.add(row_start, ir.Constant(I64, g * LANES * itemsize)), half)
+                prod = builder.fmul(qv[g], vals, flags=FAST)
+                acc = prod if acc is None else builder.fadd(acc, prod, flags=FAST)
+            op = builder.gep(obase, [s])
+            previous = builder.select(accumulate, builder.load(op), ir.Constant(F32, 0.0))
+            builder.store(builder.fadd(previous, _reduce(builder, acc), flags=FAST), op)
+            return []
 
-        builder.position_at_end(body)
-        row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
-        acc = None
-        for g in range(groups):
-            p = builder.gep(rbase, [builder.add(row_start, ir.Constant(I64, g * LANES * itemsize))])
-            if half:
-                bits = builder.load(builder.bitcast(p, _vec(I16, LANES).as_pointer()), align=2)
-                vals = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), LANES)), _vec(F32, LANES))
-            else:
-                vals = builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
-            prod = builder.fmul(qv[g], vals, flags=FAST)
-            acc = prod if acc is None else builder.fadd(acc, prod, flags=FAST)
-        dot = _reduce(builder, acc)
-        op = builder.gep(obase, [s])
-        previous = builder.select(accumulate, builder.load(op), ir.Constant(F32, 0.0))
-        builder.store(builder.fadd(previous, dot, flags=FAST), op)
-        s.add_incoming(builder.add(s, ir.Constant(I64, 1)), builder.block)
-        builder.branch(head)
-
-        builder.position_at_end(done)
+        _counted_loop(builder, n_rows, [], row, "rdc")
         return context.get_dummy_value()
 
     return sig, codegen
