@@ -215,6 +215,26 @@ def _dequantized_rows(fmt: str, planes: dict, rows_per_part: int = 8192):
         yield _float_matrix(fmt, {k: v[start:start + rows_per_part] for k, v in planes.items()})
 
 
+def embedding(g: Graph, model: ModelTensors, input_ids: str) -> tuple[str, str | None]:
+    """Token embeddings [B, S, D], and the float matrix when one was stored. q8_0 and q4_0 rows stay
+    quantized (GatherBlockQuantized, exact) unless the output layer shares them: a tied output
+    reads one float copy through Gemm, exact where 8-bit MatMulNBits would be slow or approximate."""
+    cfg = model.cfg
+    fmt, planes = model.planes("embed")
+    V, D = cfg.vocab_size, cfg.hidden_size
+    if fmt in ("q8_0", "q4_0") and not cfg.tie_word_embeddings:
+        if fmt == "q8_0":
+            data = (planes["qs"].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # zero point 128
+        else:
+            data = matmulnbits_q4(planes["qs"]).reshape(V, D // 2)  # zero point 8
+        scales = planes["d"].view(np.float16).astype(np.float32)
+        x = g.op("GatherBlockQuantized", g.weight("embed.qweight", data), input_ids, g.weight("embed.scales", scales),
+                 domain=MS_DOMAIN, bits=8 if fmt == "q8_0" else 4, block_size=BLOCK, gather_axis=0, quantize_axis=1)
+        return x, None
+    embed = g.weight_rows("embed.float", (V, D), np.float32, _dequantized_rows(fmt, planes))
+    return g.op("Gather", embed, input_ids, axis=0), embed
+
+
 def build_graph(model: ModelTensors, *, int8_compute: bool = True, data_path: Path | None = None) -> Graph:
     """The decoder graph; with data_path, its large weights are written there as they are added."""
     if model.cfg.architecture not in ("phi3", "llama"):
@@ -244,9 +264,7 @@ def _decoder(g: Graph, model: ModelTensors, int8_compute: bool) -> None:
     cos, sin = rope_tables(g, cfg, position_ids, total_length)
     bias = attention_bias(g, cfg, attention_mask, total_length, new_length)
 
-    embed_fmt, embed_planes = model.planes("embed")
-    embed = g.weight_rows("embed.float", (cfg.vocab_size, D), np.float32, _dequantized_rows(embed_fmt, embed_planes))
-    x = g.op("Gather", embed, input_ids, axis=0)
+    x, embed = embedding(g, model, input_ids)
     presents = []
     for i in range(L):
         def lin(kind, t, k_in, n_out):

@@ -105,6 +105,8 @@ def test_quantized_export_is_exact_in_the_weights(exported, quant):
     assert rel_err(OnnxDecoder(folder).logits(ids), hf_logits(ref, ids)) < 1e-4
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     assert any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in graph.node)
+    # the untied q8_0 embedding stays 8-bit (and is exact: transformers reads it dequantized above)
+    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
 
 
 def test_q8_export_logits_close_to_edgephi(exported, tmp_path):
@@ -291,3 +293,20 @@ def test_genai_runs_phi3_exports_like_edgephi(checkpoint_factory, tmp_path, vari
     else:
         assert got == want
     assert json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["model"]["type"] == "phi3"
+
+
+def test_q4_0_embedding_gathered_quantized_and_exact(checkpoint_factory, tmp_path):
+    src = checkpoint_factory("phi3_gqa_partial", "float32")  # untied output
+    convert(src, tmp_path / "m", quant="q4_0", embed_quant="q4_0")
+    export_onnx(tmp_path / "m", tmp_path / "onnx", check=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for _, p in ref.named_parameters():
+            if p.ndim == 2:
+                p.copy_(torch.from_numpy(gguf_quants.dequantize(gguf_quants.quantize(p.numpy(), T.Q4_0), T.Q4_0)))
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    gather = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gather) == 1
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gather[0].attribute}["bits"] == 4
+    ids = random_ids(16, seed=9)
+    assert rel_err(OnnxDecoder(tmp_path / "onnx").logits(ids), hf_logits(ref, ids)) < 1e-4
