@@ -28,7 +28,7 @@ def read_generation_config(folder: Path) -> dict:
 
 
 class LanguageModel:
-    # -- generation (the API apps use) ------------------------------------------------------------
+    """What edgephi.load returns, on either backend (see the module docstring for what a backend adds)."""
 
     def prompt_ids(self, prompt, special_tokens: bool = False) -> list[int]:
         """Token ids of a prompt (text or ids), with BOS when the model wants one. An empty prompt
