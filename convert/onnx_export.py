@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from edgephi.errors import EdgephiError, ModelFormatError
-from edgephi.format import WEIGHTS_FILE, ModelConfig, expected_shape, read_config
-from edgephi.quant import BLOCK, FORMATS, dequantize, plane_key, plane_layout
+from edgephi.onnx_backend import EDGEPHI_SUBFOLDER, MODEL_FILE
+from edgephi.format import WEIGHTS_FILE, ModelConfig, read_config
+from edgephi.quant import BLOCK, FORMATS, dequantize
 from edgephi.safetensors_io import SafetensorsFile
+from edgephi.weights import read_planes
 
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, Graph
 
-MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 NEG_LARGE = np.float32(np.finfo(np.float32).min)  # masked scores: exp() gives exactly 0
 
@@ -36,21 +37,8 @@ class ModelTensors:
     st: SafetensorsFile
 
     def planes(self, name: str) -> tuple[str, dict[str, np.ndarray]]:
-        recipe = self.cfg.tensors.get(name)
-        if recipe is None or recipe["format"] not in FORMATS or tuple(recipe["shape"]) != expected_shape(self.cfg, name):
-            raise ModelFormatError(f"{self.folder / 'config.json'}: no usable recipe for tensor {name!r}")
-        fmt = FORMATS[recipe["format"]]
-        out = {}
-        for plane, (dtype, shape) in plane_layout(fmt, tuple(recipe["shape"])).items():
-            key = plane_key(name, plane)
-            if key not in self.st.header:
-                raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: tensor {key!r} is missing")
-            arr = self.st.raw(key).view(dtype)
-            if arr.shape != tuple(shape):
-                raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: tensor {key!r} has shape {list(arr.shape)}, "
-                                       f"not {list(shape)}")
-            out[plane] = arr
-        return fmt.name, out
+        fmt, planes = read_planes(self.st, self.cfg, name)
+        return fmt.name, planes
 
     def vector(self, name: str) -> np.ndarray:
         return np.asarray(self.planes(name)[1][""], dtype=np.float32)
@@ -354,7 +342,6 @@ class ExportReport:
     max_rel_diff: float = 0.0  # ... over the largest |logit|
 
 
-EDGEPHI_SUBFOLDER = "edgephi"  # the source's edgephi config, tokenizer and generation settings
 
 
 def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_compute: bool = True) -> ExportReport:
@@ -366,6 +353,7 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_co
     import shutil
     import time
 
+    from edgephi.api import read_generation_config
     from edgephi.format import CONFIG_FILE, GENERATION_FILE, TOKENIZER_RANKS_FILE, TOKENIZER_SPEC_FILE
     from edgephi.tokenizer_files import TokenizerSpec
 
@@ -376,10 +364,7 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_co
     folder, out = Path(folder), Path(out)
     check_target(out, force)
     model = open_model(folder)
-    try:
-        generation = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"{folder / GENERATION_FILE}: unreadable ({exc})") from None
+    generation = read_generation_config(folder)
     spec = TokenizerSpec.load(folder)
     context = model.cfg.max_position_embeddings
     report = ExportReport(out)

@@ -10,7 +10,8 @@ import numpy as np
 from .api import LanguageModel, read_generation_config
 from .errors import EdgephiError, ModelFormatError
 
-MODEL_FILE = "model.onnx"
+MODEL_FILE = "model.onnx"  # the layout convert/onnx_export.py writes
+EDGEPHI_SUBFOLDER = "edgephi"  # the source's config, tokenizer and generation settings
 
 
 class OnnxDecoder:
@@ -66,8 +67,6 @@ class OnnxDecoder:
         self.reset()
         return self.feed(list(ids))
 
-
-EDGEPHI_SUBFOLDER = "edgephi"  # written by the exporter: config, tokenizer, generation settings
 
 
 def is_onnx_folder(folder) -> bool:

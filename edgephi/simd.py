@@ -133,6 +133,21 @@ def _lanes_at(builder, base, byte_offset, half):
     return builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
 
 
+def _row_chunk_reader(builder, rows, col, half):
+    """lanes(s): row s, columns col .. col + ROWS_CHUNK - 1 of a 2-D C-contiguous array `rows` (a
+    numba array struct) of float32 or float16 bits, as ROWS_CHUNK / 8 float vectors of 8 lanes."""
+    itemsize = 2 if half else 4
+    row_bytes = builder.extract_value(rows.strides, 0)
+    base = builder.bitcast(rows.data, I8.as_pointer())
+    col_bytes = builder.mul(col, ir.Constant(I64, itemsize))
+
+    def lanes(s):
+        start = builder.add(builder.mul(s, row_bytes), col_bytes)
+        return [_lanes_at(builder, base, builder.add(start, ir.Constant(I64, g * LANES * itemsize)), half)
+                for g in range(ROWS_CHUNK // LANES)]
+    return lanes
+
+
 def _block_weights(builder, kind, qbase, row_offset, b):
     """The 32 weights of block b as <32 x i16>, in the order of the block's activations."""
     if kind == "q8_0":
@@ -231,13 +246,9 @@ def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
         ra = context.make_array(signature.args[2])(context, builder, args[2])
         oa = context.make_array(signature.args[4])(context, builder, args[4])
         n_rows, col, out_col = args[1], args[3], args[5]
-        row_bytes = builder.extract_value(ra.strides, 0)
-        itemsize = 2 if half else 4
         wbase = builder.bitcast(wa.data, F32.as_pointer())
-        rbase = builder.bitcast(ra.data, I8.as_pointer())
         obase = builder.bitcast(oa.data, F32.as_pointer())
-        col_bytes = builder.mul(col, ir.Constant(I64, itemsize))
-        groups = ROWS_CHUNK // LANES
+        row_lanes = _row_chunk_reader(builder, ra, col, half)
 
         def row(s, accs):
             w = builder.load(builder.gep(wbase, [s]))
@@ -247,10 +258,8 @@ def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
             builder.cbranch(builder.fcmp_ordered("!=", w, ir.Constant(F32, 0.0)), use, merge)
             builder.position_at_end(use)
             wv = _broadcast(builder, w, LANES)
-            row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
-            updated = [builder.fadd(a, builder.fmul(wv, _lanes_at(builder, rbase, builder.add(
-                row_start, ir.Constant(I64, g * LANES * itemsize)), half), flags=FAST), flags=FAST)
-                for g, a in enumerate(accs)]
+            updated = [builder.fadd(a, builder.fmul(wv, vals, flags=FAST), flags=FAST)
+                       for a, vals in zip(accs, row_lanes(s))]
             used_from = builder.block
             builder.branch(merge)
             builder.position_at_end(merge)
@@ -262,7 +271,7 @@ def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
                 merged.append(phi)
             return merged
 
-        accs = _counted_loop(builder, n_rows, [_splat_const(F32, LANES, 0.0)] * groups, row, "wrs")
+        accs = _counted_loop(builder, n_rows, [_splat_const(F32, LANES, 0.0)] * (ROWS_CHUNK // LANES), row, "wrs")
         for g, a in enumerate(accs):
             p = builder.gep(obase, [builder.add(out_col, ir.Constant(I64, g * LANES))])
             builder.store(a, builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
@@ -283,24 +292,18 @@ def rows_dot_chunk(typingctx, q, q_col, n_rows, rows, col, out, accumulate):
         ra = context.make_array(signature.args[3])(context, builder, args[3])
         oa = context.make_array(signature.args[5])(context, builder, args[5])
         q_col, n_rows, col, accumulate = args[1], args[2], args[4], args[6]
-        row_bytes = builder.extract_value(ra.strides, 0)
-        itemsize = 2 if half else 4
         qbase = builder.bitcast(qa.data, F32.as_pointer())
-        rbase = builder.bitcast(ra.data, I8.as_pointer())
         obase = builder.bitcast(oa.data, F32.as_pointer())
-        col_bytes = builder.mul(col, ir.Constant(I64, itemsize))
-        groups = ROWS_CHUNK // LANES
+        row_lanes = _row_chunk_reader(builder, ra, col, half)
         qv = []
-        for g in range(groups):
+        for g in range(ROWS_CHUNK // LANES):
             p = builder.gep(qbase, [builder.add(q_col, ir.Constant(I64, g * LANES))])
             qv.append(builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4))
 
         def row(s, _):
-            row_start = builder.add(builder.mul(s, row_bytes), col_bytes)
             acc = None
-            for g in range(groups):
-                vals = _lanes_at(builder, rbase, builder.add(row_start, ir.Constant(I64, g * LANES * itemsize)), half)
-                prod = builder.fmul(qv[g], vals, flags=FAST)
+            for q_lanes, vals in zip(qv, row_lanes(s)):
+                prod = builder.fmul(q_lanes, vals, flags=FAST)
                 acc = prod if acc is None else builder.fadd(acc, prod, flags=FAST)
             op = builder.gep(obase, [s])
             previous = builder.select(accumulate, builder.load(op), ir.Constant(F32, 0.0))

@@ -12,7 +12,7 @@ from . import jit_cache  # noqa: F401  (numba's cache folder)
 
 from .errors import ModelFormatError
 from .format import WEIGHTS_FILE, ModelConfig, expected_shape
-from .quant import FORMATS, plane_key, plane_layout
+from .quant import FORMATS, QuantFormat, plane_key, plane_layout
 from .safetensors_io import SafetensorsFile
 
 
@@ -54,44 +54,51 @@ class Weights:
     down: typed.List
 
 
+def read_planes(st: SafetensorsFile, cfg: ModelConfig, name: str) -> tuple[QuantFormat, dict[str, np.ndarray]]:
+    """The planes of tensor `name` as its recipe in config.json lays them out (mapped, not copied),
+    each checked for presence, element size and shape: kernels do not check bounds, so a plane of
+    the wrong size must never reach them."""
+    path = st.path
+    recipe = cfg.tensors.get(name)
+    if recipe is None:
+        raise ModelFormatError(f"{path.parent}/config.json: no recipe for tensor {name!r}")
+    fmt = FORMATS.get(recipe["format"])
+    if fmt is None or tuple(recipe["shape"]) != expected_shape(cfg, name):
+        raise ModelFormatError(f"{path}: tensor {name!r} has format {recipe['format']} shape {recipe['shape']}")
+    planes = {}
+    for plane_name, (dtype, shape) in plane_layout(fmt, tuple(recipe["shape"])).items():
+        key = plane_key(name, plane_name)
+        if key not in st.header:
+            raise ModelFormatError(f"{path}: tensor {key!r} is missing")
+        arr = st.raw(key)
+        if arr.dtype.itemsize != np.dtype(dtype).itemsize or arr.shape != tuple(shape):
+            raise ModelFormatError(f"{path}: tensor {key!r} is {arr.dtype} {list(arr.shape)}, not the "
+                                   f"{np.dtype(dtype)} {list(shape)} its recipe implies")
+        planes[plane_name] = arr.view(dtype)
+    return fmt, planes
+
+
 def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise ModelFormatError(f"{path}: missing")
     st = SafetensorsFile(path)
 
-    def plane(name, plane_name, dtype, shape=None):
-        key = plane_key(name, plane_name)
-        if key not in st.header:
-            raise ModelFormatError(f"{path}: tensor {key!r} is missing")
-        arr = st.raw(key)
-        if arr.dtype.itemsize != np.dtype(dtype).itemsize or (shape is not None and arr.shape != shape):
-            # the kernels do not check bounds: a plane of the wrong size must never reach them
-            raise ModelFormatError(f"{path}: tensor {key!r} is {arr.dtype} {list(arr.shape)}, not the "
-                                   f"{np.dtype(dtype)} {list(shape or ())} its recipe implies")
-        return _readonly(arr.view(dtype))
-
     def matrix(name):
-        recipe = cfg.tensors.get(name)
-        if recipe is None:
-            raise ModelFormatError(f"{folder}/config.json: no recipe for tensor {name!r}")
-        fmt = FORMATS.get(recipe["format"])
-        if fmt is None or tuple(recipe["shape"]) != expected_shape(cfg, name):
-            raise ModelFormatError(f"{path}: tensor {name!r} has format {recipe['format']} shape {recipe['shape']}")
-        shapes = {p: shape for p, (_, shape) in plane_layout(fmt, tuple(recipe["shape"])).items()}
+        fmt, planes = read_planes(st, cfg, name)
         if fmt.name == "f32":
-            return (fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, plane(name, "", np.float32, shapes[""]))
+            return (fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, _readonly(planes[""]))
         if fmt.name == "f16":
-            return (fmt.ggml_type, EMPTY_U8, plane(name, "", np.uint16, shapes[""]), EMPTY_U16, EMPTY_F32)
-        m = plane(name, "m", np.uint16, shapes["m"]) if fmt.name == "q4_1" else EMPTY_U16
-        return (fmt.ggml_type, plane(name, "qs", np.uint8, shapes["qs"]), plane(name, "d", np.uint16, shapes["d"]),
-                m, EMPTY_F32)
+            return (fmt.ggml_type, EMPTY_U8, _readonly(planes[""].view(np.uint16)), EMPTY_U16, EMPTY_F32)
+        m = _readonly(planes["m"].view(np.uint16)) if fmt.name == "q4_1" else EMPTY_U16
+        return (fmt.ggml_type, _readonly(planes["qs"].view(np.uint8)), _readonly(planes["d"].view(np.uint16)), m,
+                EMPTY_F32)
 
     def vector(name):
-        arr = plane(name, "", np.float32)
-        if arr.shape != (cfg.hidden_size,):
-            raise ModelFormatError(f"{path}: tensor {name!r} has shape {arr.shape}")
-        return arr
+        fmt, planes = read_planes(st, cfg, name)
+        if fmt.name != "f32":
+            raise ModelFormatError(f"{path}: tensor {name!r} is {fmt.name}, not f32")
+        return _readonly(planes[""])
 
     def per_layer(kind, load):
         items = _list_of(load(f"layers.0.{kind}"))

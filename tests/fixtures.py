@@ -455,3 +455,28 @@ def text_corpus() -> list[str]:
         texts += [p for p in source.split("\n\n") if p.strip()][:40]
     texts += [inspect.getsource(importlib.import_module(n)) for n in ("textwrap", "string")]
     return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing logits with transformers
+
+
+def rel_err(ours, ref) -> float:
+    """Largest absolute difference over the reference's largest magnitude."""
+    import numpy as np
+
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def hf_logits(model, ids):
+    """A transformers model's float logits (len(ids), V) for one sequence."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def random_ids(n, seed=0, vocab=512) -> list[int]:
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]

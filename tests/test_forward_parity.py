@@ -8,19 +8,12 @@ from gguf import quants as gguf_quants
 
 import edgephi
 from convert import convert
-from tests.fixtures import VARIANTS
+from tests.fixtures import VARIANTS, hf_logits, random_ids, rel_err
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def rel_err(ours, ref):
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +32,6 @@ def float_models(checkpoint_factory, tmp_path_factory):
 
     return get
 
-
-def random_ids(n, seed=0, vocab=512):
-    return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

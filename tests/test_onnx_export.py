@@ -21,21 +21,12 @@ import edgephi
 from convert.onnx_export import export_onnx, matmulnbits_q4
 from convert.pipeline import convert
 from edgephi.onnx_backend import OnnxDecoder
+from tests.fixtures import hf_logits, random_ids, rel_err
 
 VARIANTS = ["phi3_gqa_partial", "phi3_longrope", "phi3_sliding", "llama"]
 
 
-def rel_err(ours, ref):
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def random_ids(n, seed=0, vocab=512):
-    return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]
 
 
 @pytest.fixture(scope="module")
