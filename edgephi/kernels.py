@@ -19,7 +19,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import jit_cache  # noqa: F401  (sets numba's cache folder before any kernel compiles)
-from .simd import (ROWS_CHUNK, TILE_TOKENS, q4_0_row_dot, q4_0_tile_dot, q4_1_row_dot, q4_1_tile_dot, q8_0_row_dot,
+from .simd import (PAIR_BYTES, ROWS_CHUNK, TILE_TOKENS, q4_0_row_dot, q4_0_tile_dot, q4_1_row_dot, q4_1_tile_dot, q8_0_row_dot,
                    q8_0_tile_dot, rows_dot_chunk, weighted_rows_sum)
 
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
@@ -50,16 +50,19 @@ def f32_to_f16(typingctx, value):
 def activation_scratch(tokens: int, width: int):
     """The scratch linear() needs for inputs of up to `tokens` rows of `width` values."""
     blocks = (tokens, width // 32)
-    return np.zeros((tokens, width), np.int16), np.zeros(blocks, np.float32), np.zeros(blocks, np.float32)
+    return (np.zeros((tokens, width), np.int16), np.zeros((tokens, 2 * width), np.uint8),
+            np.zeros(blocks, np.float32), np.zeros(blocks, np.float32))
 
 
 @njit(cache=True, fastmath=True)
-def quantize_activations(x, xq, xd, xs):
+def quantize_activations(x, xq, xb, xd, xs):
     """x (K,) float32 -> x_hat[32b + j] = xq[32b + j] * xd[b] with xq int16 and xs[b] = sum_j x_hat[32b + j].
     The decode kernels take activations in this form so that a block's dot is integer work. The
     block sums are of x_hat, not x: then a q4 row's error is W . (x_hat - x), with no extra term
-    from its uncentered nibbles."""
-    for b in range(x.shape[0] // 32):
+    from its uncentered nibbles. xb (2K,) holds each full pair of blocks' xq again as PAIR_BYTES
+    bytes in PAIR_ORDER: the low bytes, then the high bytes (for the AVX-512 VNNI q4 dots)."""
+    n_blocks = x.shape[0] // 32
+    for b in range(n_blocks):
         amax = np.float32(0.0)
         for j in range(32):
             amax = max(amax, abs(x[b * 32 + j]))
@@ -69,51 +72,56 @@ def quantize_activations(x, xq, xd, xs):
             q = np.int16(round(x[b * 32 + j] * inv))
             xq[b * 32 + j] = q
             total += q
+            if b < n_blocks - n_blocks % 2:
+                # PAIR_ORDER: A 0..15, B 0..15, A 16..31, B 16..31
+                at = (b // 2) * PAIR_BYTES + (b % 2) * 16 + (j % 16) + (j // 16) * 32
+                xb[at] = np.uint8(q & 255)
+                xb[at + PAIR_BYTES // 2] = np.uint8((q >> 8) & 255)
         xd[b] = amax / np.float32(32767.0)
         xs[b] = np.float32(total) * xd[b]
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True)
-def _quantize_rows(x, xq, xd, xs):
+def _quantize_rows(x, xq, xb, xd, xs):
     for t in prange(x.shape[0]):
-        quantize_activations(x[t], xq[t], xd[t], xs[t])
+        quantize_activations(x[t], xq[t], xb[t], xd[t], xs[t])
 
 
 TOKEN_BLOCK_BYTES = 192 * 1024  # int16 activations per token block: stays in a core's L2 while rows stream
 
 
 @njit(cache=True, inline="always")
-def _tile_dot(fmt, qs, d, m, xq, xd, xs, n, t):
+def _tile_dot(fmt, qs, d, m, xq, xb, xd, xs, n, t):
     if fmt == Q4_1:
-        return q4_1_tile_dot(qs, d, m, xq, xd, xs, n, t)
+        return q4_1_tile_dot(qs, d, m, xq, xb, xd, xs, n, t)
     if fmt == Q4_0:
-        return q4_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
-    return q8_0_tile_dot(qs, d, m, xq, xd, xs, n, t)
+        return q4_0_tile_dot(qs, d, m, xq, xb, xd, xs, n, t)
+    return q8_0_tile_dot(qs, d, m, xq, xb, xd, xs, n, t)
 
 
 @njit(cache=True, inline="always")
-def _row_dot(fmt, qs, d, m, xq, xd, xs, n, t):
+def _row_dot(fmt, qs, d, m, xq, xb, xd, xs, n, t):
     if fmt == Q4_1:
-        return q4_1_row_dot(qs, d, m, xq, xd, xs, n, t)
+        return q4_1_row_dot(qs, d, m, xq, xb, xd, xs, n, t)
     if fmt == Q4_0:
-        return q4_0_row_dot(qs, d, m, xq, xd, xs, n, t)
-    return q8_0_row_dot(qs, d, m, xq, xd, xs, n, t)
+        return q4_0_row_dot(qs, d, m, xq, xb, xd, xs, n, t)
+    return q8_0_row_dot(qs, d, m, xq, xb, xd, xs, n, t)
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True)
-def _matmul_quant_block(fmt, qs, d, m, xq, xd, xs, out, t_start, t_stop):
+def _matmul_quant_block(fmt, qs, d, m, xq, xb, xd, xs, out, t_start, t_stop):
     """out[t, n] for t_start <= t < t_stop: one weight row per task, tokens in tiles of TILE_TOKENS
     (each block of weights unpacked once for four of them), then single tokens."""
     tiled = t_stop - (t_stop - t_start) % TILE_TOKENS
     for n in prange(out.shape[1]):
         for t in range(t_start, tiled, TILE_TOKENS):
-            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = _tile_dot(fmt, qs, d, m, xq, xd, xs, n, t)
+            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = _tile_dot(fmt, qs, d, m, xq, xb, xd, xs, n, t)
         for t in range(tiled, t_stop):
-            out[t, n] = _row_dot(fmt, qs, d, m, xq, xd, xs, n, t)
+            out[t, n] = _row_dot(fmt, qs, d, m, xq, xb, xd, xs, n, t)
 
 
 @njit(cache=CACHE_PARALLEL)
-def _matmul_quant(fmt, qs, d, m, xq, xd, xs, out):
+def _matmul_quant(fmt, qs, d, m, xq, xb, xd, xs, out):
     """out[t, n] = W[n] . x[t] for q4_0 / q4_1 / q8_0 rows, x given by quantize_activations.
     Tokens go in blocks whose activations fit in L2: every row then reads them from there, not
     from L3 or memory (with 3072-wide inputs, 256 tokens are 1.5 MB). One row per task measured
@@ -122,7 +130,7 @@ def _matmul_quant(fmt, qs, d, m, xq, xd, xs, out):
     K = d.shape[1] * 32
     block = max(TILE_TOKENS, TOKEN_BLOCK_BYTES // (2 * K) // TILE_TOKENS * TILE_TOKENS)
     for t in range(0, T, block):
-        _matmul_quant_block(fmt, qs, d, m, xq, xd, xs, out, t, min(T, t + block))
+        _matmul_quant_block(fmt, qs, d, m, xq, xb, xd, xs, out, t, min(T, t + block))
 
 
 @njit(cache=True, fastmath=True)
@@ -185,12 +193,12 @@ def linear(w, x, out, scratch):
     fmt, qs, s, m, f = w
     T = x.shape[0]
     if fmt == Q4_0 or fmt == Q4_1 or fmt == Q8_0:
-        xq, xd, xs = scratch
+        xq, xb, xd, xs = scratch
         if T == 1:
-            quantize_activations(x[0], xq[0], xd[0], xs[0])
+            quantize_activations(x[0], xq[0], xb[0], xd[0], xs[0])
         else:
-            _quantize_rows(x, xq, xd, xs)
-        _matmul_quant(fmt, qs, s, m, xq, xd, xs, out)
+            _quantize_rows(x, xq, xb, xd, xs)
+        _matmul_quant(fmt, qs, s, m, xq, xb, xd, xs, out)
     elif T > 1:
         _matmul(fmt, qs, s, m, f, x, out)
     else:

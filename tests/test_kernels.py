@@ -83,6 +83,18 @@ def quantize_activations_twin(x):
     return xq.reshape(-1), xd, xq.astype(np.float64).sum(axis=1) * xd
 
 
+def pair_bytes_twin(xq):
+    """The byte layout the AVX-512 VNNI q4 dots read: for each full pair of blocks A, B, the int16
+    values in the order A 0..15, B 0..15, A 16..31, B 16..31, first their low bytes, then their
+    high bytes; an odd last block has none."""
+    pairs = xq.size // 64
+    order = xq[:pairs * 64].reshape(pairs, 2, 2, 16).transpose(0, 2, 1, 3).reshape(pairs, 64)
+    as_bytes = order.astype("<i2").view(np.uint8).reshape(pairs, 64, 2)
+    out = np.zeros(2 * xq.size, np.uint8)
+    out[:pairs * 128] = np.concatenate([as_bytes[:, :, 0], as_bytes[:, :, 1]], axis=1).reshape(-1)
+    return out
+
+
 FLOAT_SUM_BUDGET = 1e-5  # fastmath's reordered float32 sums
 
 
@@ -121,11 +133,12 @@ def test_quantize_activations_matches_twin():
     rng = np.random.default_rng(21)
     x = (rng.standard_normal(256) * np.repeat(np.exp(rng.uniform(-4, 4, 8)), 32)).astype(np.float32)
     x[64:96] = 0.0  # an all-zero block has scale 0, not NaN
-    xq, xd, xs = (a[0] for a in kernels.activation_scratch(1, 256))
-    kernels.quantize_activations(x, xq, xd, xs)
+    xq, xb, xd, xs = (a[0] for a in kernels.activation_scratch(1, 256))
+    kernels.quantize_activations(x, xq, xb, xd, xs)
     want_q, want_d, want_s = quantize_activations_twin(x)
     assert np.abs(xq.astype(np.int32) - want_q).max() <= 1  # fastmath may round x * inv one way or the other
     assert np.array_equal(xq[64:96], np.zeros(32, np.int16))
+    assert np.array_equal(xb, pair_bytes_twin(xq))
     assert np.allclose(xd, want_d, rtol=1e-6, atol=0)
     assert np.allclose(xs, want_s, rtol=1e-5, atol=1e-6 * np.abs(x).max())
 
@@ -506,3 +519,32 @@ def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
     ref = attention_reference(qkv[:, :H * Dh].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                               slot_pos, positions, 10, window, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+SIMD_TARGETS = {  # the block-dot code paths simd.py has, each forced through numba's target CPU
+    "avx2": ("haswell", "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt", "True False False"),
+    "avx512 without vnni": ("skylake-avx512", "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512dq",
+                            "True True False"),
+}
+
+
+@pytest.mark.parametrize("target", sorted(SIMD_TARGETS))
+def test_quantized_linear_exact_on_the_other_simd_paths(target, tmp_path):
+    """The host runs only one of simd.py's paths; the others are compiled for an older CPU in a child
+    process (its own numba cache) and held to the same exactness test."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cpu, features, flags = SIMD_TARGETS[target]
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, EDGEPHI_CACHE=str(tmp_path))
+    script = ("import sys, pytest\nfrom edgephi import simd\n"
+              "print('paths', simd.USE_AVX2, simd.USE_AVX512, simd.USE_VNNI)\n"
+              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_kernels.py', '-k',"
+              " 'exact_on_int16 and (96 or 512)']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert f"paths {flags}" in proc.stdout
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "18 passed" in proc.stdout
