@@ -29,11 +29,16 @@ class BenchResult:
     backend: str = "numba"
     # numba backend only (None on onnxruntime, whose weights onnxruntime lays out itself):
     weight_bytes_per_token: int | None = None  # every linear's planes, the norms and one embedding row
-    read_gb_s: float | None = None  # memory read bandwidth with the same threads, measured after the run
-    bandwidth_fraction: float | None = None  # decode_tok_s / (read_gb_s / weight_bytes_per_token)
+    read_gb_s: float | None = None  # memory read bandwidth with the same threads (median of the probes)
+    # decode speed over the bandwidth bound, median of rounds that each probe the bandwidth and then
+    # decode: the host's bandwidth drifts by tens of percent from one second to the next here
+    bandwidth_fraction: float | None = None
+    bandwidth_rounds: list | None = None  # [probed GB/s, decode tok/s] of each round
 
     def as_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        def rounded(v):
+            return round(v, 4) if isinstance(v, float) else [rounded(x) for x in v] if isinstance(v, list) else v
+        return {k: rounded(v) for k, v in asdict(self).items()}
 
 
 @njit(cache=True, parallel=True)
@@ -44,9 +49,14 @@ def _sum_words(words):
     return total
 
 
-def read_bandwidth(n_bytes: int = 1 << 30, repetitions: int = 5) -> float:
+PROBE_BYTES = 1 << 30  # far larger than the caches
+
+
+def read_bandwidth(n_bytes: int = PROBE_BYTES, repetitions: int = 5, words=None) -> float:
     """GB/s of a parallel sum over a buffer far larger than the caches (best of several runs)."""
-    words = np.ones(n_bytes // 8, np.uint64)
+    if words is None:
+        words = np.ones(n_bytes // 8, np.uint64)
+    n_bytes = words.nbytes
     _sum_words(words)
     best = 0.0
     for _ in range(repetitions):
@@ -109,6 +119,23 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5,
 
         result.threads = numba.get_num_threads()
         result.weight_bytes_per_token = decode_bytes(model.weights)
-        result.read_gb_s = read_bandwidth()
-        result.bandwidth_fraction = decode_tok_s * result.weight_bytes_per_token / (result.read_gb_s * 1e9)
+        result.bandwidth_rounds = _paired_bandwidth_rounds(model, gen, repetitions)
+        result.read_gb_s = statistics.median(gb_s for gb_s, _ in result.bandwidth_rounds)
+        result.bandwidth_fraction = statistics.median(
+            tok_s * result.weight_bytes_per_token / (gb_s * 1e9) for gb_s, tok_s in result.bandwidth_rounds)
     return result
+
+
+def _paired_bandwidth_rounds(model, gen, rounds):
+    """[GB/s, decode tok/s] of rounds that each probe the bandwidth right before decoding `gen`.
+    Runs after peak RSS is taken: the probe's buffer is not the model's."""
+    words = np.ones(PROBE_BYTES // 8, np.uint64)
+    pairs = []
+    for _ in range(rounds):
+        gb_s = read_bandwidth(repetitions=2, words=words)
+        model.cache.reset()
+        t0 = time.perf_counter()
+        for tok in gen:
+            model.step(tok)
+        pairs.append([gb_s, len(gen) / (time.perf_counter() - t0)])
+    return pairs
