@@ -18,17 +18,17 @@ from .tokenizers import DIGITS_THEN_GPT2_PATTERN, GPT2_PATTERN
 
 
 def pre_tokenizer(pat_str: str) -> dict:
-    """The split pattern as a Hugging Face pre-tokenizer. The two GPT-2 family patterns are written
-    in their usual form (ByteLevel's own regex, after single digits for the SmolLM family), which
-    readers with a fixed set of regexes (onnxruntime-extensions) understand; others as a Split."""
+    """The split pattern as a Hugging Face pre-tokenizer. GPT-2's pattern is written in its usual
+    form (ByteLevel's own regex), which readers with a fixed set of regexes (onnxruntime-extensions)
+    understand; others as Splits. The SmolLM family's single digits, then GPT-2, are two Isolated
+    Splits: onnxruntime-extensions reads a Sequence's Splits in turn but ignores a Digits step
+    (falling back to GPT-2's ` ?\\p{N}+`, which glues a space to the digits after it)."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
     if pat_str == GPT2_PATTERN:
         return {**byte_level, "use_regex": True}
-    if pat_str == DIGITS_THEN_GPT2_PATTERN:
-        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                       {**byte_level, "use_regex": True}]}
+    splits = [r"\p{N}", GPT2_PATTERN] if pat_str == DIGITS_THEN_GPT2_PATTERN else [pat_str]
     return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": pat_str}, "behavior": "Isolated", "invert": False},
+        *({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in splits),
         {**byte_level, "use_regex": False}]}
 
 
