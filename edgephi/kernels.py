@@ -112,6 +112,10 @@ def _row_dot(fmt, qs, d, m, xq, xb, xd, xs, n, t):
 def _matmul_quant_block(fmt, qs, d, m, xq, xb, xd, xs, out, t_start, t_stop):
     """out[t, n] for t_start <= t < t_stop: one weight row per task, tokens in tiles of TILE_TOKENS
     (each block of weights unpacked once for four of them), then single tokens."""
+    if t_stop - t_start == 1:  # decode: nothing but the row dots in the parallel loop
+        for n in prange(out.shape[1]):
+            out[t_start, n] = _row_dot(fmt, qs, d, m, xq, xb, xd, xs, n, t_start)
+        return
     tiled = t_stop - (t_stop - t_start) % TILE_TOKENS
     for n in prange(out.shape[1]):
         for t in range(t_start, tiled, TILE_TOKENS):
