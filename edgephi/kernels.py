@@ -19,8 +19,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import jit_cache  # noqa: F401  (sets numba's cache folder before any kernel compiles)
-from .simd import (PAIR_BYTES, ROWS_CHUNK, TILE_TOKENS, q4_0_row_dot, q4_0_tile_dot, q4_1_row_dot, q4_1_tile_dot, q8_0_row_dot,
-                   q8_0_tile_dot, rows_dot_chunk, weighted_rows_sum)
+from .simd import (PAIR_BYTES, ROWS_CHUNK, TILE_TOKENS, q4_0_row_dot, q4_0_tile_dot, q4_1_row_dot, q4_1_tile_dot,
+                   q8_0_row_dot, q8_0_tile_dot, rows_dot_chunk, weighted_rows_sum)
 
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
 

@@ -186,10 +186,11 @@ def _intrinsic_call(builder, name, result, args):
     return builder.call(fn, args)
 
 
-def _prefetch(builder, ptr):
-    """Ask for the cache line at ptr ahead of its use (read, keep in all levels)."""
-    _intrinsic_call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3),
-                                                                ir.Constant(I32, 1)])
+def _prefetch(builder, base, offset, ahead):
+    """Ask for the cache line at base + offset + ahead (bytes) before its use (read, keep in all levels)."""
+    ptr = builder.gep(base, [builder.add(offset, ir.Constant(I64, ahead))])
+    _intrinsic_call(builder, "llvm.prefetch.p0", ir.VoidType(),
+                    [ptr, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
 def _vpdpbusd(builder, acc, unsigned_bytes, signed_bytes):
@@ -199,11 +200,9 @@ def _vpdpbusd(builder, acc, unsigned_bytes, signed_bytes):
                            [acc, builder.bitcast(unsigned_bytes, v16), builder.bitcast(signed_bytes, v16)])
 
 
-# Byte order of a pair of q4 blocks A, B (32 packed bytes) once its nibbles are spread to 64 bytes:
-# A's values 0..15, B's 0..15, A's 16..31, B's 16..31. quantize_activations writes each pair's
-# activations in this order, split into low bytes (unsigned) and high bytes (signed).
-PAIR_ORDER = tuple([(0, j) for j in range(16)] + [(1, j) for j in range(16)]
-                   + [(0, 16 + j) for j in range(16)] + [(1, 16 + j) for j in range(16)])
+# PAIR_ORDER, the byte order of a pair of q4 blocks A, B (32 packed bytes) once its nibbles are
+# spread to 64 bytes: A's values 0..15, B's 0..15, A's 16..31, B's 16..31. quantize_activations
+# writes each pair's activations in this order, split into low bytes (unsigned) and high bytes (signed).
 PAIR_BYTES = 128  # activation bytes per pair of blocks: 64 low bytes, then 64 high bytes
 # Rows stream from memory several times faster when the kernels ask for their bytes this far ahead
 # (12 -> 17-19 GB/s on two cores here): the hardware prefetchers alone leave the core waiting.
@@ -265,11 +264,12 @@ def _make_row_dot(kind: str, tokens: int):
                 w = _block_weights(builder, kind, qbase, q_row, b)
                 s_off = builder.add(s_row, builder.mul(b, ir.Constant(I64, 2)))
                 block_bytes = 32 if kind == "q8_0" else 16
-                ahead = builder.add(q_row, builder.mul(b, ir.Constant(I64, block_bytes)))
-                _prefetch(builder, builder.gep(qbase, [builder.add(ahead, ir.Constant(I64, PREFETCH_BYTES))]))
-                _prefetch(builder, builder.gep(dbase, [builder.add(s_off, ir.Constant(I64, PREFETCH_BYTES * 2 // block_bytes))]))
+                block_at = builder.add(q_row, builder.mul(b, ir.Constant(I64, block_bytes)))
+                _prefetch(builder, qbase, block_at, PREFETCH_BYTES)
+                _prefetch(builder, dbase, s_off, PREFETCH_BYTES * 2 // block_bytes)
                 d_w = _f16_at(builder, dbase, s_off)
                 if kind == "q4_1":
+                    _prefetch(builder, mbase, s_off, PREFETCH_BYTES * 2 // block_bytes)
                     low = _f16_at(builder, mbase, s_off)
                 elif kind == "q4_0":
                     low = builder.fmul(d_w, ir.Constant(F32, -8.0))  # values are q - 8
@@ -308,17 +308,17 @@ def _make_row_dot(kind: str, tokens: int):
                         low = builder.fmul(d_w, _splat_const(F32, width, -8.0), flags=FAST)  # values are q - 8
                     scales, new_offsets = [], []
                     for i in range(tokens):
-                        x_d, x_s = (builder.load(builder.bitcast(builder.gep(rows[i], [b0]), lanes_t.as_pointer()), align=4)
-                                    for rows in (xd_rows, xs_rows))
+                        x_d, x_s = (builder.load(builder.bitcast(builder.gep(rows[i], [b0]), lanes_t.as_pointer()),
+                                                 align=4) for rows in (xd_rows, xs_rows))
                         scales.append(builder.fmul(d_w, x_d, flags=FAST))
                         new_offsets.append(builder.fadd(offsets[i], builder.fmul(low, x_s, flags=FAST), flags=FAST))
                     if width == GROUP_BLOCKS:  # 128 bytes of nibbles, 16 of scales
-                        ahead = builder.add(q_row, builder.mul(b0, ir.Constant(I64, 16)))
+                        group_at = builder.add(q_row, builder.mul(b0, ir.Constant(I64, 16)))
                         for line in (PREFETCH_BYTES, PREFETCH_BYTES + 64):
-                            _prefetch(builder, builder.gep(qbase, [builder.add(ahead, ir.Constant(I64, line))]))
-                        _prefetch(builder, builder.gep(dbase, [builder.add(s_off, ir.Constant(I64, PREFETCH_BYTES // 8))]))
+                            _prefetch(builder, qbase, group_at, line)
+                        _prefetch(builder, dbase, s_off, PREFETCH_BYTES // 8)
                         if kind == "q4_1":
-                            _prefetch(builder, builder.gep(mbase, [builder.add(s_off, ir.Constant(I64, PREFETCH_BYTES // 8))]))
+                            _prefetch(builder, mbase, s_off, PREFETCH_BYTES // 8)
                     for k in range(width // 2):
                         p = builder.add(builder.mul(u, ir.Constant(I64, width // 2)), ir.Constant(I64, k))
                         nibbles = _pair_weights(builder, qbase, q_row, p)
