@@ -147,7 +147,9 @@ def _lanes_at(builder, base, byte_offset, half):
 
 def _row_chunk_reader(builder, rows, col, half):
     """lanes(s): row s, columns col .. col + ROWS_CHUNK - 1 of a 2-D C-contiguous array `rows` (a
-    numba array struct) of float32 or float16 bits, as ROWS_CHUNK / 8 float vectors of 8 lanes."""
+    numba array struct) of float32 or float16 bits, as ROWS_CHUNK / 8 float vectors of 8 lanes.
+    Asking for row s also prefetches the same columns PREFETCH_ROWS rows on: the rows of a KV cache
+    head are strided, which the hardware prefetchers follow only within a page."""
     itemsize = 2 if half else 4
     row_bytes = builder.extract_value(rows.strides, 0)
     base = builder.bitcast(rows.data, I8.as_pointer())
@@ -155,6 +157,7 @@ def _row_chunk_reader(builder, rows, col, half):
 
     def lanes(s):
         start = builder.add(builder.mul(s, row_bytes), col_bytes)
+        _prefetch(builder, base, builder.add(start, builder.mul(row_bytes, ir.Constant(I64, PREFETCH_ROWS))), 0)
         return [_lanes_at(builder, base, builder.add(start, ir.Constant(I64, g * LANES * itemsize)), half)
                 for g in range(ROWS_CHUNK // LANES)]
     return lanes
@@ -368,6 +371,7 @@ q4_1_tile_dot = _make_row_dot("q4_1", TILE_TOKENS)
 q8_0_tile_dot = _make_row_dot("q8_0", TILE_TOKENS)
 
 
+PREFETCH_ROWS = 16  # KV cache rows ahead that attention asks for
 ROWS_CHUNK = 32  # columns weighted_rows_sum handles per call: four 8-lane accumulators
 
 
