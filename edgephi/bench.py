@@ -52,17 +52,14 @@ def _sum_words(words):
 PROBE_BYTES = 1 << 30  # far larger than the caches
 
 
-def read_bandwidth(n_bytes: int = PROBE_BYTES, repetitions: int = 5, words=None) -> float:
-    """GB/s of a parallel sum over a buffer far larger than the caches (best of several runs)."""
-    if words is None:
-        words = np.ones(n_bytes // 8, np.uint64)
-    n_bytes = words.nbytes
+def read_bandwidth(words: np.ndarray, repetitions: int) -> float:
+    """GB/s of a parallel sum over `words` (best of several runs)."""
     _sum_words(words)
     best = 0.0
     for _ in range(repetitions):
         t0 = time.perf_counter()
         _sum_words(words)
-        best = max(best, n_bytes / (time.perf_counter() - t0) / 1e9)
+        best = max(best, words.nbytes / (time.perf_counter() - t0) / 1e9)
     return best
 
 
@@ -132,7 +129,7 @@ def _paired_bandwidth_rounds(model, gen, rounds):
     words = np.ones(PROBE_BYTES // 8, np.uint64)
     pairs = []
     for _ in range(rounds):
-        gb_s = read_bandwidth(repetitions=2, words=words)
+        gb_s = read_bandwidth(words, repetitions=2)
         model.cache.reset()
         t0 = time.perf_counter()
         for tok in gen:

@@ -19,7 +19,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import jit_cache  # noqa: F401  (sets numba's cache folder before any kernel compiles)
-from .simd import (PAIR_BYTES, ROWS_CHUNK, TILE_TOKENS, q4_0_row_dot, q4_0_tile_dot, q4_1_row_dot, q4_1_tile_dot,
+from .simd import (PAIR_BYTES, ROWS_CHUNK, TILE_TOKENS, USE_VNNI, q4_0_row_dot, q4_0_tile_dot, q4_1_row_dot, q4_1_tile_dot,
                    q8_0_row_dot, q8_0_tile_dot, rows_dot_chunk, weighted_rows_sum)
 
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
@@ -59,8 +59,8 @@ def quantize_activations(x, xq, xb, xd, xs):
     """x (K,) float32 -> x_hat[32b + j] = xq[32b + j] * xd[b] with xq int16 and xs[b] = sum_j x_hat[32b + j].
     The decode kernels take activations in this form so that a block's dot is integer work. The
     block sums are of x_hat, not x: then a q4 row's error is W . (x_hat - x), with no extra term
-    from its uncentered nibbles. xb (2K,) holds each full pair of blocks' xq again as PAIR_BYTES
-    bytes in PAIR_ORDER: the low bytes, then the high bytes (for the AVX-512 VNNI q4 dots)."""
+    from its uncentered nibbles. Where the AVX-512 VNNI q4 dots run, xb (2K,) holds each full pair
+    of blocks' xq again as PAIR_BYTES bytes in PAIR_ORDER: the low bytes, then the high bytes."""
     n_blocks = x.shape[0] // 32
     for b in range(n_blocks):
         amax = np.float32(0.0)
@@ -72,7 +72,7 @@ def quantize_activations(x, xq, xb, xd, xs):
             q = np.int16(round(x[b * 32 + j] * inv))
             xq[b * 32 + j] = q
             total += q
-            if b < n_blocks - n_blocks % 2:
+            if USE_VNNI and b < n_blocks - n_blocks % 2:
                 # PAIR_ORDER: A 0..15, B 0..15, A 16..31, B 16..31
                 at = (b // 2) * PAIR_BYTES + (b % 2) * 16 + (j % 16) + (j // 16) * 32
                 xb[at] = np.uint8(q & 255)
