@@ -22,11 +22,15 @@ rounding beyond float32 arithmetic is the activations' int16 quantization, an er
 
 from __future__ import annotations
 
+import platform
+
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import config
 from numba.extending import intrinsic
+
+from .errors import EdgephiError
 
 F32 = ir.FloatType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -46,6 +50,13 @@ USE_AVX2 = _target_has("avx2")
 USE_AVX512 = _target_has("avx512bw")
 USE_VNNI = USE_AVX512 and _target_has("avx512vnni")
 ACC_LANES = 16 if USE_AVX512 else 8  # float accumulator width: one vector register
+
+# Without F16C, LLVM turns every float16 conversion into a call to a helper that numba's JIT does
+# not link: the kernels would crash, so refuse with a message instead.
+if platform.machine().lower() in ("x86_64", "amd64") and not _target_has("f16c"):
+    raise EdgephiError("this CPU (or NUMBA_CPU_NAME/NUMBA_CPU_FEATURES) has no F16C float16 instructions, "
+                       "which edgephi's numba kernels need (x86-64 CPUs from about 2012 on); "
+                       "an ONNX export runs on onnxruntime without them")
 
 
 def _vec(t, n):

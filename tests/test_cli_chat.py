@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EDGEPHI = [sys.executable, "-c", "from edgephi.cli import main; main()"]
 
 
-def run(args, *, home, stdin="", timeout=600, cmd=EDGEPHI):
-    env = dict(os.environ, EDGEPHI_CACHE=str(home), PYTHONPATH=str(ROOT))
+def run(args, *, home, stdin="", timeout=600, cmd=EDGEPHI, env_extra=None):
+    env = dict(os.environ, EDGEPHI_CACHE=str(home), PYTHONPATH=str(ROOT), **(env_extra or {}))
     return subprocess.run(cmd + args, input=stdin, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=ROOT)
 
@@ -103,6 +103,16 @@ def test_bad_model_is_one_line(home, tmp_path, case):
         assert len(lines) == 1 and lines[0].startswith("Error: ") and str(model) in lines[0], done.stderr
         if case == "newer_format":
             assert "newer" in lines[0]
+
+
+def test_cpu_without_f16c_is_one_line(home):
+    """An x86-64 target without F16C (forced through numba's target CPU) is refused in one line, where
+    the kernels' float16 conversions would crash the process."""
+    done = run(["generate", "Hello", "--max-tokens", "1"], home=home,
+               env_extra=dict(NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES=""))
+    assert done.returncode != 0
+    assert "F16C" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_examples_run(home, tmp_path, smollm2_gguf):
