@@ -74,10 +74,7 @@ def _lanes(values):
 def _pmaddwd(builder, a, b):
     """<16 x i16> a, b -> <8 x i32>: a[2i]*b[2i] + a[2i+1]*b[2i+1]."""
     if USE_AVX2:
-        fnty = ir.FunctionType(_vec(I32, 8), [_vec(I16, 16), _vec(I16, 16)])
-        name = "llvm.x86.avx2.pmadd.wd"
-        fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
-        return builder.call(fn, [a, b])
+        return _intrinsic_call(builder, "llvm.x86.avx2.pmadd.wd", _vec(I32, 8), [a, b])
     even, odd = _lanes(range(0, 16, 2)), _lanes(range(1, 16, 2))
 
     def wide(v, sel):
@@ -147,13 +144,13 @@ def _token_rows(builder, array, t0, count, elem):
                             elem.as_pointer()) for i in range(count)]
 
 
-def _lanes_at(builder, base, byte_offset, half):
-    """8 float32 values at base + byte_offset, stored as float32 or as float16 bits."""
+def _lanes_at(builder, base, byte_offset, half, count=LANES):
+    """`count` float32 values at base + byte_offset, stored as float32 or as float16 bits."""
     p = builder.gep(base, [byte_offset])
     if half:
-        bits = builder.load(builder.bitcast(p, _vec(I16, LANES).as_pointer()), align=2)
-        return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), LANES)), _vec(F32, LANES))
-    return builder.load(builder.bitcast(p, _vec(F32, LANES).as_pointer()), align=4)
+        bits = builder.load(builder.bitcast(p, _vec(I16, count).as_pointer()), align=2)
+        return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), count)), _vec(F32, count))
+    return builder.load(builder.bitcast(p, _vec(F32, count).as_pointer()), align=4)
 
 
 def _row_chunk_reader(builder, rows, col, half):
@@ -307,17 +304,13 @@ def _make_row_dot(kind: str, tokens: int):
                 and constant terms as width-lane vectors, each pair's 16 lanes of scales picked out."""
                 lanes_t = _vec(F32, width)
 
-                def halves_at(base, offset):
-                    ptr = builder.bitcast(builder.gep(base, [offset]), _vec(ir.HalfType(), width).as_pointer())
-                    return builder.fpext(builder.load(ptr, align=2), lanes_t)
-
                 def body(u, carried):
                     accs, offsets = carried[:tokens], carried[tokens:]
                     b0 = builder.mul(u, ir.Constant(I64, width))
                     s_off = builder.add(s_row, builder.mul(b0, ir.Constant(I64, 2)))
-                    d_w = halves_at(dbase, s_off)
+                    d_w = _lanes_at(builder, dbase, s_off, True, width)
                     if kind == "q4_1":
-                        low = halves_at(mbase, s_off)
+                        low = _lanes_at(builder, mbase, s_off, True, width)
                     else:
                         low = builder.fmul(d_w, _splat_const(F32, width, -8.0), flags=FAST)  # values are q - 8
                     scales, new_offsets = [], []
