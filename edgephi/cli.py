@@ -293,8 +293,12 @@ def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json, 
     click.echo(f"  prefill pp{prompt_tokens}   {r.prefill_tok_s:8.1f} tok/s")
     click.echo(f"  decode  tg{gen_tokens}   {r.decode_tok_s:8.1f} tok/s")
     click.echo(f"  time to first token {r.ttft_s:6.3f} s (prompt of {prompt_tokens})")
-    click.echo(f"  load {r.load_s:.3f} s, first step (JIT compile or cache load) {r.jit_s:.3f} s")
-    click.echo(f"  peak RSS {r.peak_rss_mb:.0f} MiB")
+    click.echo(f"  load {r.load_s:.3f} s, JIT (compiling the kernels on a first run, else loading them) {r.jit_s:.3f} s")
+    if r.weights_file_mb is None:
+        click.echo(f"  peak RSS {r.peak_rss_mb:.0f} MiB")
+    else:
+        click.echo(f"  peak RSS {r.peak_rss_mb:.0f} MiB: weights file {r.weights_file_mb:.0f}, KV cache "
+                   f"{r.kv_cache_mb:.0f}, the rest {r.rss_beyond_model_mb:.0f}")
     if r.weight_bytes_per_token is not None:
         click.echo(f"  decode reads {r.weight_bytes_per_token / 1e6:.1f} MB of weights per token; memory reads "
                    f"{r.read_gb_s:.1f} GB/s here, so decode runs at {r.bandwidth_fraction:.0%} of the bandwidth bound")

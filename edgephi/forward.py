@@ -34,6 +34,14 @@ class Workspace:
         self.quantized = activation_scratch(T, widest)
         self._views: dict[int, tuple] = {}
 
+    @staticmethod
+    def bytes_per_token(cfg) -> int:
+        """Scratch bytes that grow with T (all but the scores and logits): Phi-4-mini's 200 KB."""
+        D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        floats = 3 * D + (H + 2 * Hk) * Dh + H * Dh + 3 * F
+        widest = max(D, F, H * Dh)
+        return 4 * floats + 4 * widest + 8 * (widest // 32)  # activation_scratch: int16 + 2 bytes + 2 floats a block
+
     def buffers(self, n: int):
         """Views for a step of n <= T tokens (made once per size: no allocation per step)."""
         if n not in self._views:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numba
@@ -10,13 +11,17 @@ import numpy as np
 from .api import LanguageModel, read_generation_config
 from .errors import EdgephiError
 from .format import ModelConfig, read_config
-from .forward import Workspace, forward
+from .forward import ATTENTION_TOKENS, Workspace, forward
+from .jit_memory import release_compiler_pages
 from .kv_cache import KVCache
 from .tokenizer import Tokenizer
 from .weights import load_weights
 
 DEFAULT_KV_BUDGET = 512 << 20  # default context is capped so the KV cache fits in 512 MiB
-PREFILL_CHUNK = 256  # tokens per prefill step: bounds scratch memory (scores are chunk x H x C)
+PREFILL_CHUNK = 256  # most tokens per prefill step
+# A prefill chunk's activations stay within this, so large models get shorter chunks (Phi-4-mini:
+# 80 tokens, not 51 MB of scratch for 256); a chunk still reads each weight once for many tokens.
+PREFILL_SCRATCH_BYTES = 16 << 20
 
 
 def rope_inv_freq(cfg: ModelConfig, factors) -> np.ndarray:
@@ -59,6 +64,18 @@ class Model(LanguageModel):
         self._decode_ws = Workspace(cfg, 1, context, 1)
         self._token1 = np.zeros(1, np.int64)
         self._chunk_ws: Workspace | None = None
+        started = time.perf_counter()
+        self._load_kernels()
+        self.kernels_s = time.perf_counter() - started  # loading (or on a first run compiling) them
+
+    def _load_kernels(self) -> None:
+        """Load the forward pass's machine code from numba's cache (compiling it on the very first
+        run) before any weight page is touched, then drop the compiler's code pages: the peak
+        resident set is then weights plus what the run keeps, not weights plus LLVM."""
+        one = np.zeros(1, np.int64)
+        args = self._forward_args(self.cache, one, one, one, self._decode_ws, False)
+        forward.compile(tuple(numba.typeof(a) for a in args))
+        release_compiler_pages()
 
     # -- stepping -------------------------------------------------------------------------------
 
@@ -68,19 +85,24 @@ class Model(LanguageModel):
 
     def _run(self, cache: KVCache, tokens: np.ndarray, ws: Workspace, all_logits: bool) -> np.ndarray:
         """One forward step of len(tokens) <= ws.T new tokens into `cache`."""
-        n = len(tokens)
         positions, slots = cache.append(tokens)
+        args = self._forward_args(cache, tokens, positions, slots, ws, all_logits)
+        forward(*args)
+        return args[-2]
+
+    def _forward_args(self, cache: KVCache, tokens, positions, slots, ws: Workspace, all_logits: bool) -> tuple:
+        n = len(tokens)
         w = self.weights
         inv_freq = self._inv_freq_long if cache.long_rope else self._inv_freq_short
         logits = ws.logits[:n] if all_logits else ws.logits[:1]
-        forward(tokens, positions, slots, cache.n_slots, self._shape, self._eps, inv_freq,
+        return (tokens, positions, slots, cache.n_slots, self._shape, self._eps, inv_freq,
                 self._attention_factor, self._window, w.embed, w.output, w.norm, w.attn_norms,
                 w.ffn_norms, w.qkv, w.o, w.gate_up, w.down, cache.k, cache.v, cache.slot_pos,
                 *ws.buffers(n), logits, all_logits)
-        return logits
 
     def _chunk_workspace(self, cache: KVCache, all_logits: bool) -> Workspace:
-        T = min(PREFILL_CHUNK, cache.max_chunk)
+        by_scratch = PREFILL_SCRATCH_BYTES // Workspace.bytes_per_token(self.config)
+        T = min(PREFILL_CHUNK, cache.max_chunk, max(ATTENTION_TOKENS, by_scratch - by_scratch % ATTENTION_TOKENS))
         ws = self._chunk_ws
         if ws is None or ws.T != T or ws.scores.shape[1] != cache.capacity or (all_logits and ws.logits.shape[0] < T):
             ws = Workspace(self.config, T, cache.capacity, T if all_logits else 1)

@@ -180,6 +180,9 @@ def test_ctrl_c_stops_the_reply_not_the_program(home):
 
 
 def test_bench_prints_figures_and_json(home):
+    # a first run compiles the kernels, LLVM's memory and all: the memory target is for later runs
+    warm = run(["generate", "--max-tokens", "1", "Hi"], home=home)
+    assert warm.returncode == 0, warm.stderr
     done = run(["bench", "--prompt-tokens", "32", "--gen-tokens", "8", "--repetitions", "2", "--json"], home=home)
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -206,3 +209,13 @@ def test_bench_prints_figures_and_json(home):
     ratios = [tok_s * figures["weight_bytes_per_token"] / (gb_s * 1e9) for gb_s, tok_s in rounds]
     assert figures["bandwidth_fraction"] == pytest.approx(np.median(ratios), rel=1e-3)
     assert "bandwidth bound" in done.stdout
+    # the memory target of #5: peak RSS within the weights file + the KV cache + 150 MB
+    folder = home / "models" / "smollm2-135m-instruct"
+    cfg = json.loads((folder / "config.json").read_text())
+    context = 32 + 8  # the bench's context: prompt + generated tokens + 8
+    kv_bytes = 2 * cfg["num_layers"] * context * cfg["num_kv_heads"] * cfg["head_dim"] * 2  # K and V, float16
+    assert figures["kv_cache_mb"] == pytest.approx(kv_bytes / 2**20, rel=1e-3)
+    assert figures["weights_file_mb"] == pytest.approx((folder / "weights.safetensors").stat().st_size / 2**20, rel=1e-3)
+    beyond = figures["peak_rss_mb"] - figures["weights_file_mb"] - figures["kv_cache_mb"]
+    assert figures["rss_beyond_model_mb"] == pytest.approx(beyond, abs=0.01)
+    assert beyond * 2**20 <= 150e6, done.stdout

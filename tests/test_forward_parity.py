@@ -52,6 +52,23 @@ def test_prefill_plus_decode_equals_full_sequence(float_models, variant):
     np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("variant", ["phi3_gqa_partial", "llama"])
+def test_prefill_in_scratch_bounded_chunks_matches_transformers(float_models, variant, monkeypatch):
+    """Large models prefill in chunks bounded by scratch bytes; a budget this small splits 48
+    tokens into chunks of 16 on the tiny models."""
+    import edgephi.model
+
+    model, ref = float_models(variant)
+    monkeypatch.setattr(edgephi.model, "PREFILL_SCRATCH_BYTES", 1)
+    assert model._chunk_workspace(model.cache, True).T == 16
+    ids = random_ids(48, seed=3)
+    model.cache.reset()
+    last = model.feed(ids).copy()
+    assert model.cache.next_pos == 48
+    assert rel_err(model.logits(ids), hf_logits(ref, ids)) < 1e-4
+    assert rel_err(last, hf_logits(ref, ids)[-1:]) < 1e-4
+
+
 def test_longrope_decode_across_the_switch_matches_transformers(float_models):
     """Decoding past original_max_position_embeddings (32 here): each step equals transformers'
     full-sequence logits, which use the long factors for every position once past the switch."""

@@ -1,0 +1,63 @@
+"""Giving back the JIT compiler's code pages once the kernels are loaded.
+
+numba runs LLVM inside our process. Initialising it and loading the cached kernels executes code
+spread over tens of MB of libllvmlite, and Linux maps every page it touches (64 KiB around each
+fault) into the process, where it stays in the resident set for the rest of the run although the
+compiler is not used again: about 50 MB, a third of everything but the weights. Those pages are
+clean copies of the library file, so dropping them from the process (madvise MADV_DONTNEED) loses
+nothing: they stay in the page cache, and should the JIT run again they fault back in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+
+MADV_DONTNEED = 4  # the same number on every Linux architecture
+_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
+_COMPILER_LIBRARY = re.compile(r"/lib(llvmlite|LLVM)[^/]*\.so")
+
+
+def compiler_mappings(smaps: str) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of the LLVM library mappings in /proc/<pid>/smaps text that
+    nothing can have written to: read-only, and no dirty or anonymous (copied-on-write) page.
+    A relocated part of the library is dirty and is never listed: dropping it would lose data."""
+    found, current = [], None
+    for line in smaps.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            start, end, perms, path = header.groups()
+            current = None
+            if "w" not in perms and _COMPILER_LIBRARY.search(path):
+                current = {"start": int(start, 16), "end": int(end, 16)}
+                found.append(current)
+        elif current is not None:
+            key, _, value = line.partition(":")
+            if key in ("Rss", "Private_Dirty", "Shared_Dirty", "Anonymous"):
+                current[key] = int(value.split()[0]) * 1024
+    return [(m["start"], m["end"], m["Rss"]) for m in found
+            if m.get("Rss", 0) > 0 and m.get("Private_Dirty") == 0 and m.get("Shared_Dirty") == 0
+            and m.get("Anonymous") == 0]
+
+
+def release_compiler_pages() -> int:
+    """Drop LLVM's clean resident pages from this process; returns the bytes dropped (0 where
+    there is no /proc, i.e. off Linux, or nothing to drop)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+            mappings = compiler_mappings(f.read())
+    except OSError:
+        return 0
+    if not mappings:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    dropped = 0
+    for start, end, resident in mappings:
+        if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+            dropped += resident
+    return dropped

@@ -1,0 +1,144 @@
+"""Dropping LLVM's code pages once the kernels are loaded (edgephi/jit_memory.py), and the kernel
+loading that happens at edgephi.load so the drop comes before the weights are touched."""
+
+import json
+import subprocess
+import sys
+
+import numba
+import pytest
+
+import edgephi
+import edgephi.model
+from convert import convert
+from edgephi.jit_memory import compiler_mappings
+
+SMAPS = """\
+7f0000000000-7f0000300000 r--p 00000000 08:01 42    /site-packages/llvmlite/binding/libllvmlite.so
+Size:               3072 kB
+Rss:                3000 kB
+Shared_Dirty:          0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0000300000-7f0005300000 r-xp 00300000 08:01 42    /site-packages/llvmlite/binding/libllvmlite.so
+Size:              81920 kB
+Rss:               50000 kB
+Shared_Dirty:          0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0005300000-7f0005400000 r--p 05300000 08:01 42    /site-packages/llvmlite/binding/libllvmlite.so
+Size:               1024 kB
+Rss:                1024 kB
+Shared_Dirty:          0 kB
+Private_Dirty:      1024 kB
+Anonymous:          1024 kB
+7f0005400000-7f0005500000 rw-p 05400000 08:01 42    /site-packages/llvmlite/binding/libllvmlite.so
+Size:               1024 kB
+Rss:                   0 kB
+Shared_Dirty:          0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0006000000-7f0006100000 r-xp 00000000 08:01 43    /usr/lib/libLLVM-20.so.1
+Size:               1024 kB
+Rss:                 512 kB
+Shared_Dirty:          0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0007000000-7f0007100000 r-xp 00000000 08:01 44    /usr/lib/libpython3.11.so.1.0
+Size:               1024 kB
+Rss:                 800 kB
+Shared_Dirty:          0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+7f0008000000-7f0008100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                1024 kB
+Shared_Dirty:          0 kB
+Private_Dirty:      1024 kB
+Anonymous:          1024 kB
+VmFlags: rd wr mr mw me ac
+"""
+
+
+def test_only_clean_read_only_llvm_mappings_are_listed():
+    # the relocated (dirty) read-only part, the writable data, other libraries and anonymous
+    # memory are never candidates: dropping their pages would lose what they hold
+    assert compiler_mappings(SMAPS) == [
+        (0x7F0000000000, 0x7F0000300000, 3000 * 1024),
+        (0x7F0000300000, 0x7F0005300000, 50000 * 1024),
+        (0x7F0006000000, 0x7F0006100000, 512 * 1024),
+    ]
+
+
+CHILD = """
+import json
+import numpy as np
+from numba import njit
+from edgephi.jit_memory import compiler_mappings, release_compiler_pages
+
+def resident():
+    with open("/proc/self/smaps") as f:
+        return sum(rss for _, _, rss in compiler_mappings(f.read()))
+
+@njit
+def first(x):
+    return x * 2 + 1
+
+first(3)
+before = resident()
+dropped = release_compiler_pages()
+after = resident()
+
+@njit
+def sum_of_squares(a):  # compiled after the drop: LLVM runs again from pages faulted back in
+    total = 0.0
+    for v in a:
+        total += v * v
+    return total
+
+a = np.arange(1000.0)
+print(json.dumps([before, dropped, after, sum_of_squares(a), float(np.dot(a, a)), first(20)]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
+def test_release_drops_llvm_pages_and_the_jit_still_compiles():
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, dropped, after, squares, expected, again = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before > 10 << 20  # compiling one function touched tens of MB of LLVM
+    assert dropped >= before * 0.9
+    assert after < before / 4
+    assert squares == expected and again == 41
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint_factory, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jit-memory") / "phi3-q4_0"
+    convert(checkpoint_factory("phi3_basic"), out, quant="q4_0")
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "float32"])
+def test_load_compiles_the_signature_every_step_calls(model_dir, monkeypatch, kv_dtype):
+    """edgephi.load loads the forward pass's code for the argument types it computes; a call with
+    other types would compile a second version mid-run, LLVM and all, after the weights are in."""
+    real = edgephi.model.forward
+    compiled, called = [], []
+
+    class Recorder:
+        def compile(self, sig):
+            compiled.append(tuple(sig))
+            return real.compile(sig)
+
+        def __call__(self, *args):
+            called.append(tuple(numba.typeof(a) for a in args))
+            return real(*args)
+
+    monkeypatch.setattr(edgephi.model, "forward", Recorder())
+    model = edgephi.load(model_dir, context=64, kv_dtype=kv_dtype)
+    model.feed([1, 2, 3, 4, 5])
+    model.step(6)
+    model.logits([7, 8, 9])  # all_logits, in a cache of its own
+    assert len(compiled) == 1 and len(called) == 3
+    assert all(sig == compiled[0] for sig in called)
