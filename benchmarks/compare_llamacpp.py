@@ -6,12 +6,17 @@ llama-bench's convention: pp = prefill of a P-token prompt in one go; tg = G sin
 steps from an empty context; also tg after the prompt (decode at a context of P tokens).
 Tokenization and sampling are excluded. The GGUF is converted losslessly into a temporary
 edgephi folder first. Needs llama-cpp-python (a test dependency).
+
+Then each runtime loads the model, prefills the prompt and decodes in a process of its own, and the
+table's last column is that process's peak RSS (both map their weights file).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +42,41 @@ def timed_run(reset, feed, prompt, gen):
         feed([tok])
     t4 = time.perf_counter()
     return len(prompt) / (t3 - t2), len(gen) / (t1 - t0), len(gen) / (t4 - t3)
+
+
+MEMORY_RUN = {
+    "edgephi": """
+import edgephi
+m = edgephi.load(args["folder"], threads=args["threads"], context=args["context"])
+m.feed(args["prompt"])
+for t in args["gen"]:
+    m.step(t)
+""",
+    "llama.cpp": """
+import llama_cpp
+llm = llama_cpp.Llama(args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
+                      n_ctx=args["context"], n_batch=len(args["prompt"]), verbose=False)
+llm.eval(args["prompt"])
+for t in args["gen"]:
+    llm.eval([t])
+""",
+}
+# The child reports its own peak (VmHWM, Linux): the ru_maxrss that wait4 returns would include
+# this process's peak, both models loaded, which Linux carries into a child across exec.
+PEAK_LINE = """
+with open("/proc/self/status") as f:
+    print("VmHWM", [int(line.split()[1]) for line in f if line.startswith("VmHWM:")][0])
+"""
+
+
+def peak_rss_mib(runtime: str, args: dict) -> float:
+    """Peak RSS of a fresh process that loads the model, prefills the prompt and decodes."""
+    code = "import json, sys\nargs = json.loads(sys.stdin.read())\n" + MEMORY_RUN[runtime] + PEAK_LINE
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(args), capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        raise SystemExit(f"the {runtime} memory run failed:\n{done.stderr}")
+    return int(done.stdout.split()[-1]) / 1024
 
 
 def main() -> None:
@@ -70,14 +110,19 @@ def main() -> None:
         for _ in range(args.repetitions):
             for k, (reset, feed) in runners.items():
                 results[k].append(timed_run(reset, feed, prompt, gen))
+        del model, llm
+        run_args = {"folder": str(Path(tmp) / "m"), "gguf": str(args.gguf), "threads": args.threads,
+                    "context": args.prompt_tokens + args.gen_tokens + 8, "prompt": prompt, "gen": gen}
+        rss = {k: peak_rss_mib(k, run_args) for k in runners}
     med = {k: [statistics.median(r[i] for r in v) for i in range(3)] for k, v in results.items()}
     P, G = args.prompt_tokens, args.gen_tokens
     print(f"{args.gguf.name}, {args.threads} threads, median of {args.repetitions} alternating runs (tok/s)")
-    print(f"{'':12} {f'pp{P}':>10} {f'tg{G}':>10} {f'tg{G}@{P}':>12}")
+    print(f"{'':12} {f'pp{P}':>10} {f'tg{G}':>10} {f'tg{G}@{P}':>12} {'peak RSS MiB':>14}")
     for k, row in med.items():
-        print(f"{k:12} {row[0]:10.1f} {row[1]:10.1f} {row[2]:12.1f}")
+        print(f"{k:12} {row[0]:10.1f} {row[1]:10.1f} {row[2]:12.1f} {rss[k]:14.0f}")
     ratios = [e / l for e, l in zip(med["edgephi"], med["llama.cpp"])]
-    print(f"{'ratio':12} {ratios[0]:9.2f}x {ratios[1]:9.2f}x {ratios[2]:11.2f}x")
+    print(f"{'ratio':12} {ratios[0]:9.2f}x {ratios[1]:9.2f}x {ratios[2]:11.2f}x {rss['edgephi'] / rss['llama.cpp']:13.2f}x")
+    print(f"the GGUF file: {args.gguf.stat().st_size / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from edgephi.safetensors_io import SafetensorsWriter  # noqa: E402
 from tests import fixtures  # noqa: E402
@@ -99,6 +100,22 @@ def write_checkpoint(folder: Path, shape: str) -> None:
         fixtures.write_phi4_mini_tokenizer(folder)
 
 
+# `python -m convert ...` that writes its own peak RSS (VmHWM, KiB) to argv[1] at exit. Not
+# getrusage(RUSAGE_CHILDREN): Linux carries the parent's peak (here: writing the checkpoint) into
+# a child across exec, so the child's ru_maxrss can be this script's.
+CONVERT_REPORTING_PEAK = """
+import runpy, sys
+peak_file = sys.argv.pop(1)
+try:
+    runpy.run_module("convert", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as f:
+        peak = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
+    with open(peak_file, "w") as f:
+        f.write(peak)
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="phi4-mini")
@@ -113,10 +130,12 @@ def main() -> None:
         print(f"wrote synthetic checkpoint {src} in {time.perf_counter() - t:.0f} s", flush=True)
     src_bytes = sum(p.stat().st_size for p in src.iterdir())
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "convert", str(src), str(out), "--quant", args.quant, "--force"],
-                   check=True)
-    seconds = time.perf_counter() - t
-    peak_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        subprocess.run([sys.executable, "-c", CONVERT_REPORTING_PEAK, str(peak_file), str(src), str(out),
+                        "--quant", args.quant, "--force"], check=True, cwd=ROOT)
+        seconds = time.perf_counter() - t
+        peak_bytes = int(peak_file.read_text()) * 1024
     out_bytes = sum(p.stat().st_size for p in out.iterdir())
     print(f"\n{args.shape} bf16 -> {args.quant}: checkpoint {src_bytes / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB, "
           f"{seconds:.0f} s, peak RSS {peak_bytes / 2**20:.0f} MiB ({peak_bytes / src_bytes:.1%} of the checkpoint)")

@@ -1,7 +1,6 @@
 """The ring-buffer KV cache: constant memory for endless generation, sinks and a chat's system
 prompt kept, and attention over the ring equal to attention over the same tokens with a mask."""
 
-import resource
 
 import numpy as np
 import pytest
@@ -28,11 +27,13 @@ def test_two_thousand_tokens_through_a_128_slot_ring_in_flat_memory(tiny):
     rss = []
     for i, _ in enumerate(tokens):
         if i % 250 == 0:
-            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            rss.append(_rss_mib())
     assert i == 1999
     assert model.cache.next_pos == 2002  # 3 prompt tokens + 1999 fed (the last sampled is not fed)
     assert model.cache.nbytes == cache_bytes
-    assert rss[-1] - rss[1] < 20_000  # peak RSS (KiB) grows by less than 20 MB after warm-up
+    # the resident set grows by less than 20 MB after warm-up (the current one: this process's
+    # peak, with torch loaded, is far above anything a tiny model adds)
+    assert max(rss[1:]) - rss[1] < 20
     assert set(model.cache.slot_pos[:4]) == {0, 1, 2, 3}  # attention sinks are never overwritten
 
 
