@@ -12,7 +12,7 @@ from .api import LanguageModel, read_generation_config
 from .errors import EdgephiError
 from .format import ModelConfig, read_config
 from .forward import ATTENTION_TOKENS, Workspace, forward
-from .jit_memory import release_compiler_pages
+from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
 from .kv_cache import KVCache
 from .tokenizer import Tokenizer
 from .weights import load_weights
@@ -41,7 +41,8 @@ class Model(LanguageModel):
             raise EdgephiError(f"{folder}: no such model folder")
         self.folder = folder
         self.config = cfg = read_config(folder)
-        self.weights = load_weights(folder, cfg)
+        with numba_without_scipy_linalg():  # the typed lists of the weights are numba's first dispatch
+            self.weights = load_weights(folder, cfg)
         self.tokenizer = Tokenizer.from_folder(folder)
         self.generation_config = read_generation_config(folder)
         if threads is not None:

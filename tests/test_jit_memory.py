@@ -142,3 +142,32 @@ def test_load_compiles_the_signature_every_step_calls(model_dir, monkeypatch, kv
     model.logits([7, 8, 9])  # all_logits, in a cache of its own
     assert len(compiled) == 1 and len(called) == 3
     assert all(sig == compiled[0] for sig in called)
+
+
+CHILD_SCIPY = """
+import json, sys
+import numpy as np
+import edgephi
+model = edgephi.load(sys.argv[1], context=32)
+model.feed([1, 2, 3])
+hidden = "scipy.linalg" in sys.modules
+import scipy.linalg  # the app can still import it
+from numba import njit
+
+@njit
+def dot(a, b):  # numba's BLAS path, compiled after edgephi's load
+    return np.dot(a, b)
+
+a = np.arange(5.0)
+print(json.dumps([hidden, dot(a, a), float(scipy.linalg.norm(a) ** 2)]))
+"""
+
+
+def test_numba_initialises_without_scipy_linalg_and_the_app_keeps_it(model_dir):
+    pytest.importorskip("scipy")  # only where scipy is installed does numba import it
+    done = subprocess.run([sys.executable, "-c", CHILD_SCIPY, str(model_dir)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    imported_by_load, dot, norm_squared = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not imported_by_load
+    assert dot == 30.0 and norm_squared == pytest.approx(30.0)
