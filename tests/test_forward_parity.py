@@ -60,6 +60,7 @@ def test_prefill_in_scratch_bounded_chunks_matches_transformers(float_models, va
 
     model, ref = float_models(variant)
     monkeypatch.setattr(edgephi.model, "PREFILL_SCRATCH_BYTES", 1)
+    monkeypatch.setattr(edgephi.model, "MIN_PREFILL_CHUNK", 16)
     assert model._chunk_workspace(model.cache, True).T == 16
     ids = random_ids(48, seed=3)
     model.cache.reset()
