@@ -4,7 +4,7 @@ importing scipy.linalg.
 numba runs LLVM inside our process. Initialising it and loading the cached kernels executes code
 spread over tens of MB of libllvmlite, and Linux maps every page it touches (64 KiB around each
 fault) into the process, where it stays in the resident set for the rest of the run although the
-compiler is not used again: about 50 MB, a third of everything but the weights. Those pages are
+compiler is not used again: about 65 MB, a third of everything but the weights. Those pages are
 clean copies of the library file, so dropping them from the process (madvise MADV_DONTNEED) loses
 nothing: they stay in the page cache, and should the JIT run again they fault back in.
 

@@ -91,7 +91,7 @@ class Model(LanguageModel):
         positions, slots = cache.append(tokens)
         args = self._forward_args(cache, tokens, positions, slots, ws, all_logits)
         forward(*args)
-        return args[-2]
+        return args[-2]  # the logits rows forward() filled
 
     def _forward_args(self, cache: KVCache, tokens, positions, slots, ws: Workspace, all_logits: bool) -> tuple:
         n = len(tokens)
