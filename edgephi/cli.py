@@ -157,10 +157,28 @@ def model_folder(model_path) -> Path:
     return path
 
 
-def open_model(model_path, threads, context, backend=None):
-    from . import load
+COMPILE_NOTICE_AFTER_S = 3.0  # a warm load takes about 1 s; only compiling the kernels takes longer
 
-    return load(model_folder(model_path), threads=threads, context=context, backend=backend)
+
+def open_model(model_path, threads, context, backend=None):
+    import threading
+
+    from . import load
+    from .onnx_backend import is_onnx_folder
+
+    folder = model_folder(model_path)
+    notice = None
+    if backend != "onnxruntime" and not is_onnx_folder(folder):
+        # the first run on a machine compiles the kernels into the cache: say so, not 20 s of silence
+        notice = threading.Timer(COMPILE_NOTICE_AFTER_S, lambda: click.echo(
+            "compiling edgephi's kernels for this CPU (first run only, about 20 s)...", err=True))
+        notice.daemon = True
+        notice.start()
+    try:
+        return load(folder, threads=threads, context=context, backend=backend)
+    finally:
+        if notice is not None:
+            notice.cancel()
 
 
 def print_stats(stats) -> None:

