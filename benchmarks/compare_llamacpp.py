@@ -61,11 +61,11 @@ for t in args["gen"]:
     llm.eval([t])
 """,
 }
-# The child reports its own peak (VmHWM, Linux): the ru_maxrss that wait4 returns would include
-# this process's peak, both models loaded, which Linux carries into a child across exec.
+# The child reports its own peak: the ru_maxrss that wait4 returns would include this process's
+# peak, both models loaded, which Linux carries into a child across exec (edgephi/rss.py).
 PEAK_LINE = """
-with open("/proc/self/status") as f:
-    print("VmHWM", [int(line.split()[1]) for line in f if line.startswith("VmHWM:")][0])
+from edgephi.rss import peak_rss_mib
+print(peak_rss_mib())
 """
 
 
@@ -76,7 +76,7 @@ def peak_rss_mib(runtime: str, args: dict) -> float:
                           cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise SystemExit(f"the {runtime} memory run failed:\n{done.stderr}")
-    return int(done.stdout.split()[-1]) / 1024
+    return float(done.stdout.split()[-1])
 
 
 def main() -> None:

@@ -100,19 +100,18 @@ def write_checkpoint(folder: Path, shape: str) -> None:
         fixtures.write_phi4_mini_tokenizer(folder)
 
 
-# `python -m convert ...` that writes its own peak RSS (VmHWM, KiB) to argv[1] at exit. Not
+# `python -m convert ...` that writes its own peak RSS (MiB) to argv[1] at exit. Not
 # getrusage(RUSAGE_CHILDREN): Linux carries the parent's peak (here: writing the checkpoint) into
-# a child across exec, so the child's ru_maxrss can be this script's.
+# a child across exec, so the child's ru_maxrss can be this script's (edgephi/rss.py).
 CONVERT_REPORTING_PEAK = """
 import runpy, sys
+from edgephi.rss import peak_rss_mib
 peak_file = sys.argv.pop(1)
 try:
     runpy.run_module("convert", run_name="__main__", alter_sys=True)
 finally:
-    with open("/proc/self/status") as f:
-        peak = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
     with open(peak_file, "w") as f:
-        f.write(peak)
+        f.write(str(peak_rss_mib()))
 """
 
 
@@ -135,7 +134,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", CONVERT_REPORTING_PEAK, str(peak_file), str(src), str(out),
                         "--quant", args.quant, "--force"], check=True, cwd=ROOT)
         seconds = time.perf_counter() - t
-        peak_bytes = int(peak_file.read_text()) * 1024
+        peak_bytes = float(peak_file.read_text()) * 2**20
     out_bytes = sum(p.stat().st_size for p in out.iterdir())
     print(f"\n{args.shape} bf16 -> {args.quant}: checkpoint {src_bytes / 1e9:.2f} GB, output {out_bytes / 1e9:.2f} GB, "
           f"{seconds:.0f} s, peak RSS {peak_bytes / 2**20:.0f} MiB ({peak_bytes / src_bytes:.1%} of the checkpoint)")

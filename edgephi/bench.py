@@ -4,9 +4,7 @@ single-token decode steps from an empty context; tokenization and sampling exclu
 from __future__ import annotations
 
 import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -14,6 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import jit_cache  # noqa: F401  (numba's cache folder)
+from .rss import peak_rss_mib
 
 
 @dataclass
@@ -59,21 +58,6 @@ def _sum_words(words):
     for i in prange(words.shape[0]):
         total += words[i]
     return total
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set, MiB. On Linux VmHWM, which starts afresh when a process
-    execs: getrusage's ru_maxrss carries the peak of the process that spawned it into the child
-    (a bench run from pytest, with torch loaded, reported 340 MiB for a 210 MiB run)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 PROBE_BYTES = 1 << 30  # far larger than the caches

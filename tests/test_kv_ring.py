@@ -1,7 +1,6 @@
 """The ring-buffer KV cache: constant memory for endless generation, sinks and a chat's system
 prompt kept, and attention over the ring equal to attention over the same tokens with a mask."""
 
-
 import numpy as np
 import pytest
 
