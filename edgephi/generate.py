@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .sampling import SamplingParams, sample
+from .stops import StopFilter, StopMatcher
 
 
 @dataclass
@@ -69,7 +70,7 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
     n_vocab = model.tokenizer.n_vocab  # embedding rows past the tokenizer's ids are padding
     history = np.array(list(context_ids or []) + list(new_ids), dtype=np.int64)
     tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text, longest_stop = "", max((len(s) for s in stop), default=0)
+    stops = StopMatcher(stop) if stop else None
     started = time.perf_counter()
     logits = model.feed(new_ids)[0, :n_vocab]
     stats.fed = list(new_ids)
@@ -84,9 +85,8 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
                 break
             generated.append(token)
             stats.generated_tokens = len(generated)
-            if stop:  # decided before yielding: a consumer that stops at the stop string closes us there
-                text = (text + tail.decode(model.tokenizer.decode_bytes([token])))[-(longest_stop + 16):]
-                if any(s in text for s in stop):
+            if stops:  # decided before yielding: a consumer that stops at the stop string closes us there
+                if stops.feed(tail.decode(model.tokenizer.decode_bytes([token]))) is not None:
                     stats.finish_reason = "stop"
             yield token
             if stats.finish_reason:
@@ -105,22 +105,13 @@ def text_stream(tokenizer, ids: Iterable[int], stop: tuple[str, ...] = ()) -> It
     """Text pieces of a token stream: never a partial UTF-8 character, never any part of a stop
     string (the text ends just before the first stop string)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""  # text held back because it might begin a stop string
+    held = StopFilter(stop)  # text that might begin a stop string waits here
     for token in ids:
-        pending += decoder.decode(tokenizer.decode_bytes([token]))
-        if stop:
-            hits = [pending.find(s) for s in stop if s in pending]
-            if hits:
-                cut = min(hits)
-                if pending[:cut]:
-                    yield pending[:cut]
-                return
-            keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-            ready, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-        else:
-            ready, pending = pending, ""
+        ready = held.push(decoder.decode(tokenizer.decode_bytes([token])))
         if ready:
             yield ready
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        yield pending
+        if held.stopped:
+            return
+    ready = held.push(decoder.decode(b"", final=True)) + held.flush()
+    if ready:
+        yield ready
