@@ -362,13 +362,13 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_co
 
     started = time.perf_counter()
     folder, out = Path(folder), Path(out)
-    check_target(out, force)
+    check_target(out, force, folder, kind="onnx")
     model = open_model(folder)
     generation = read_generation_config(folder)
     spec = TokenizerSpec.load(folder)
     context = model.cfg.max_position_embeddings
     report = ExportReport(out)
-    with staged_folder(out) as tmp:
+    with staged_folder(out, check=lambda: check_target(out, force, folder, kind="onnx")) as tmp:
         save(build_graph(model, int8_compute=int8_compute, data_path=tmp / DATA_FILE), tmp)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model.cfg, generation, context), indent=1) + "\n")
         write_hf_tokenizer(spec, generation, tmp, context)

@@ -110,7 +110,7 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
     for q in (quant, embed_quant):
         if q is not None and q not in FORMATS:
             raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(FORMATS)})")
-    check_target(out, force)
+    check_target(out, force, src)
     known = models.presets()
     if preset is not None and preset not in known:
         raise EdgephiError(f"unknown preset {preset!r} (known: {', '.join(known)})")
@@ -133,7 +133,7 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
                            f"{config.vocab_size} rows")
 
     report = Report(out)
-    with staged_folder(out) as tmp:
+    with staged_folder(out, check=lambda: check_target(out, force, src)) as tmp:
         _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress)
         (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
         tokenizer.save(tmp)

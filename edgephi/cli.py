@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
 import sys
 import time
 from collections import Counter
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgephiError
+from .errors import EdgephiError, Terminated
 
 QUANT_CHOICES = ["q4_0", "q4_1", "q8_0", "f16", "f32"]
 
@@ -28,6 +29,9 @@ def user_errors(fn):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except Terminated as exc:  # SIGTERM or SIGHUP: the shell's convention, 128 + the signal
+            click.echo(f"terminated by {signal.Signals(exc.signum).name}", err=True)
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)

@@ -539,19 +539,23 @@ def test_bad_gguf(case, cli, smollm2_gguf, tmp_path, dest):
 
 
 def _existing_out(dest: Path, kind: str) -> Path:
+    """OUT as a folder of the user's files, a file, or (kind "model") a folder edgephi wrote."""
     out = dest / "model"
-    if kind == "folder":
-        out.mkdir()
-        (out / "precious.txt").write_text("keep me")
-    else:
+    if kind == "file":
         out.write_text("keep me")
+        return out
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    if kind == "model":  # what the format check reads; a stray file shows whether it was replaced
+        (out / "config.json").write_text(json.dumps({"format": "edgephi", "format_version": 1}))
     return out
 
 
 def _untouched(out: Path, kind: str) -> bool:
-    if kind == "folder":
-        return os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
-    return out.is_file() and out.read_text() == "keep me"
+    if kind == "file":
+        return out.is_file() and out.read_text() == "keep me"
+    expected = ["config.json", "precious.txt"] if kind == "model" else ["precious.txt"]
+    return sorted(os.listdir(out)) == expected and (out / "precious.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
@@ -562,15 +566,22 @@ def test_out_exists_without_force(kind, cli, phi3, dest):
 
 
 def test_force_with_bad_source_keeps_out(cli, ckpt, dest):
-    out = _existing_out(dest, "folder")
+    out = _existing_out(dest, "model")
     (ckpt / "config.json").unlink()
     assert_refused(cli(ckpt, out, "--force"), ckpt, out, ckpt / "config.json", before=["model"])
-    assert _untouched(out, "folder")
+    assert _untouched(out, "model")
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
-def test_force_replaces_out(kind, cli, phi3, dest):
+def test_force_refuses_out_that_edgephi_did_not_write(kind, cli, phi3, dest):
     out = _existing_out(dest, kind)
+    assert_refused(cli(phi3, out, "--force"), phi3, out, out, ["--force refused", "edgephi model folder"],
+                   before=["model"])
+    assert _untouched(out, kind)
+
+
+def test_force_replaces_out(cli, phi3, dest):
+    out = _existing_out(dest, "model")
     res = cli(phi3, out, "--force")
     assert res.returncode == 0, res
     assert "Traceback" not in res.stdout + res.stderr
