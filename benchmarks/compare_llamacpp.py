@@ -47,7 +47,7 @@ def timed_run(reset, feed, prompt, gen):
 MEMORY_RUN = {
     "edgephi": """
 import edgephi
-m = edgephi.load(args["folder"], threads=args["threads"], context=args["context"])
+m = edgephi.load(args["folder"], threads=args["threads"], context=args["context"]).sequence()
 m.feed(args["prompt"])
 for t in args["gen"]:
     m.step(t)
@@ -103,14 +103,15 @@ def main() -> None:
         vocab = min(model.config.vocab_size, llm.n_vocab())
         prompt = [int(t) for t in rng.integers(100, vocab, args.prompt_tokens)]
         gen = [int(t) for t in rng.integers(100, vocab, args.gen_tokens)]
-        runners = {"edgephi": (model.cache.reset, model.feed), "llama.cpp": (llm.reset, llm.eval)}
+        sequence = model.sequence()
+        runners = {"edgephi": (sequence.reset, sequence.feed), "llama.cpp": (llm.reset, llm.eval)}
         for reset, feed in runners.values():  # compile / warm up both
             timed_run(reset, feed, prompt[:64], gen[:8])
         results = {k: [] for k in runners}
         for _ in range(args.repetitions):
             for k, (reset, feed) in runners.items():
                 results[k].append(timed_run(reset, feed, prompt, gen))
-        del model, llm
+        del model, sequence, llm
         run_args = {"folder": str(Path(tmp) / "m"), "gguf": str(args.gguf), "threads": args.threads,
                     "context": args.prompt_tokens + args.gen_tokens + 8, "prompt": prompt, "gen": gen}
         rss = {k: peak_rss_mib(k, run_args) for k in runners}

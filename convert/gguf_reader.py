@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,13 +12,18 @@ from pathlib import Path
 import numpy as np
 
 from edgephi.errors import EdgephiError
+from edgephi.files import brief, open_regular
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 16
+MAX_ARRAY_DEPTH = 4  # GGUF allows arrays of arrays; no model file nests deeper than 2
 # value type id -> struct code (8 = string, 9 = array are handled apart)
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 ARRAY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
                 6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+# the fewest bytes one array element of a string (8: its length) or array (9: type and count) takes
+MIN_ELEMENT_BYTES = {8: 8, 9: 12}
 # ggml type id -> (elements per block, bytes per block) for the types this reader can size
 TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
               9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
@@ -41,10 +49,16 @@ class GGUFTensor:
 class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        fd = open_regular(self.path)  # a FIFO or a device is refused before it is read or mapped
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        except (OSError, ValueError) as exc:
-            raise EdgephiError(f"{self.path}: cannot read ({exc})") from None
+            size = os.fstat(fd).st_size
+            if size < 24:  # magic, version and the two counts
+                raise EdgephiError(f"{self.path}: truncated or corrupt GGUF header ({size} bytes)")
+            self._map = np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), dtype=np.uint8)
+        except OSError as exc:
+            raise EdgephiError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)
         self._buf = memoryview(self._map)
         self._pos = 0
         try:
@@ -52,36 +66,43 @@ class GGUFFile:
         except (struct.error, IndexError, UnicodeDecodeError, OverflowError, MemoryError):
             raise EdgephiError(f"{self.path}: truncated or corrupt GGUF header") from None
 
+    def _corrupt(self, what: str):
+        raise EdgephiError(f"{self.path}: corrupt GGUF header ({what})")
+
     def _read(self, code: str):
         value = struct.unpack_from("<" + code, self._buf, self._pos)[0]
         self._pos += struct.calcsize(code)
         return value
 
-    def _string(self) -> str:
-        n = self._read("Q")
-        if self._pos + n > len(self._buf):
+    def _take(self, n: int) -> memoryview:
+        """The next n bytes; a length past the end of the file means truncation or corruption."""
+        if n > len(self._buf) - self._pos:
             raise IndexError
-        s = bytes(self._buf[self._pos:self._pos + n]).decode("utf-8")
         self._pos += n
-        return s
+        return self._buf[self._pos - n:self._pos]
 
-    def _value(self, vtype: int):
+    def _string(self) -> str:
+        return bytes(self._take(self._read("Q"))).decode("utf-8")
+
+    def _value(self, vtype: int, depth: int = 0):
         if vtype in SCALARS:
             return self._read(SCALARS[vtype])
         if vtype == 8:
             return self._string()
-        if vtype == 9:
-            etype, count = self._read("I"), self._read("Q")
-            if etype in ARRAY_DTYPES:
-                dt = np.dtype(ARRAY_DTYPES[etype]).newbyteorder("<")
-                end = self._pos + count * dt.itemsize
-                if end > len(self._buf):
-                    raise IndexError
-                arr = np.frombuffer(self._buf[self._pos:end], dtype=dt)
-                self._pos = end
-                return arr.tolist()
-            return [self._value(etype) for _ in range(count)]
-        raise EdgephiError(f"{self.path}: corrupt GGUF header (unknown value type {vtype})")
+        if vtype != 9:
+            self._corrupt(f"unknown value type {vtype}")
+        etype, count = self._read("I"), self._read("Q")
+        if etype in ARRAY_DTYPES:
+            dt = np.dtype(ARRAY_DTYPES[etype]).newbyteorder("<")
+            return np.frombuffer(self._take(count * dt.itemsize), dtype=dt).tolist()
+        if etype not in MIN_ELEMENT_BYTES:
+            self._corrupt(f"unknown value type {etype}")
+        if depth >= MAX_ARRAY_DEPTH:
+            self._corrupt(f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
+        # a count the rest of the file cannot hold is refused before looping over it
+        if count * MIN_ELEMENT_BYTES[etype] > len(self._buf) - self._pos:
+            raise IndexError
+        return [self._value(etype, depth + 1) for _ in range(count)]
 
     def _parse(self) -> None:
         if bytes(self._buf[:4]) != MAGIC:
@@ -91,37 +112,60 @@ class GGUFFile:
         if version not in (2, 3):
             raise EdgephiError(f"{self.path}: unsupported GGUF version {version} (expected 2 or 3)")
         n_tensors, n_kv = self._read("Q"), self._read("Q")
-        if n_tensors > 1 << 24 or n_kv > 1 << 24:
-            raise EdgephiError(f"{self.path}: corrupt GGUF header (counts {n_tensors}, {n_kv})")
+        # each key-value takes at least 13 bytes and each tensor info 24
+        if n_tensors * 24 + n_kv * 13 > len(self._buf):
+            self._corrupt(f"counts {n_tensors} tensors, {n_kv} keys do not fit in the file")
         self.metadata: dict = {}
         for _ in range(n_kv):
             key = self._string()
+            if key in self.metadata:
+                self._corrupt(f"key {brief(key)} appears twice")
             self.metadata[key] = self._value(self._read("I"))
         infos = []
         for _ in range(n_tensors):
             name = self._string()
             ndim = self._read("I")
-            if ndim > 4:
-                raise EdgephiError(f"{self.path}: corrupt GGUF tensor info for {name!r}")
+            if not 1 <= ndim <= 4:
+                raise EdgephiError(f"{self.path}: corrupt GGUF tensor info for {brief(name)} ({ndim} dimensions)")
             dims = [self._read("Q") for _ in range(ndim)]
             infos.append((name, dims, self._read("I"), self._read("Q")))
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise EdgephiError(f"{self.path}: corrupt GGUF header (general.alignment {align!r})")
+        if (not isinstance(align, int) or isinstance(align, bool) or not 0 < align <= MAX_ALIGNMENT
+                or align & (align - 1)):
+            self._corrupt(f"general.alignment {align!r}"[:200])
         data_start = self._pos + (-self._pos) % align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, gtype, offset in infos:
-            if gtype not in TYPE_SIZES:
-                raise EdgephiError(f"{self.path}: tensor {name!r} has unknown ggml type {gtype}")
-            block, size = TYPE_SIZES[gtype]
-            count = int(np.prod(dims, dtype=np.int64))
-            if dims and dims[0] % block:
-                raise EdgephiError(f"{self.path}: tensor {name!r} rows are not whole blocks")
-            nbytes = count // block * size
-            start = data_start + offset
-            if start + nbytes > len(self._buf):
-                raise EdgephiError(f"{self.path}: truncated (tensor {name!r} runs past the end of the file)")
-            self.tensors[name] = GGUFTensor(name, gtype, tuple(reversed(dims)), start, nbytes)
+            self.tensors[name] = self._tensor(name, dims, gtype, offset, data_start, align)
+        self._check_disjoint()
+
+    def _tensor(self, name: str, dims: list[int], gtype: int, offset: int, data_start: int,
+                align: int) -> GGUFTensor:
+        if name in self.tensors:
+            raise EdgephiError(f"{self.path}: tensor {brief(name)} appears twice")
+        if gtype not in TYPE_SIZES:
+            raise EdgephiError(f"{self.path}: tensor {brief(name)} has unknown ggml type {gtype}")
+        if 0 in dims:
+            raise EdgephiError(f"{self.path}: tensor {brief(name)} has a dimension of size 0 {dims}")
+        block, size = TYPE_SIZES[gtype]
+        if dims[0] % block:
+            raise EdgephiError(f"{self.path}: tensor {brief(name)} rows are not whole blocks")
+        if offset % align:
+            raise EdgephiError(f"{self.path}: tensor {brief(name)} data offset {offset} is not {align}-byte aligned")
+        nbytes = math.prod(dims) // block * size  # Python ints: a product of four uint64 cannot wrap
+        start = data_start + offset
+        if start + nbytes > len(self._buf):
+            raise EdgephiError(f"{self.path}: truncated (tensor {brief(name)} runs past the end of the file: "
+                               f"{nbytes} bytes at offset {start}, the file has {len(self._buf)})")
+        return GGUFTensor(name, gtype, tuple(reversed(dims)), start, nbytes)
+
+    def _check_disjoint(self) -> None:
+        """Two tensors sharing bytes would make one silently read the other's data."""
+        end, previous = 0, None
+        for t in sorted(self.tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+            if t.offset < end:
+                raise EdgephiError(f"{self.path}: tensors {brief(previous)} and {brief(t.name)} overlap")
+            end, previous = t.offset + t.nbytes, t.name
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -131,5 +175,5 @@ class GGUFFile:
         t = self.tensors[name]
         dt = {0: "<f4", 1: "<f2"}.get(t.ggml_type)
         if dt is None:
-            raise EdgephiError(f"{self.path}: tensor {name!r} is {t.type_name}, expected a float type")
+            raise EdgephiError(f"{self.path}: tensor {brief(name)} is {t.type_name}, expected a float type")
         return self._map[t.offset:t.offset + t.nbytes].view(dt).astype(np.float32).reshape(t.shape)

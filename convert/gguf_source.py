@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from edgephi.errors import EdgephiError
+from edgephi.files import Fields, brief, open_regular
 from edgephi.format import ModelConfig, RopeScaling
 from edgephi.quant import FORMAT_BY_GGML_TYPE, planes_from_gguf_blocks
 
-from .gguf_reader import GGUFFile
+from .gguf_reader import MAGIC, GGUFFile
 from .tensors import Part, RowReader, Source
 from .tokenizers import spec_from_gguf
 
 ARCHITECTURES = ("llama", "phi3")
+MAX_SIZE = 1 << 31  # far above any model's dimension, context or layer count; far below overflow
 
 
 def unpermute_order(rows: int, heads: int) -> np.ndarray:
@@ -30,57 +34,71 @@ class GGUFModel(Source):
     def __init__(self, path):
         self.path = path
         self.file = GGUFFile(path)
+        # typed reads of the metadata; errors name the file and the key
+        self.meta = Fields(self.file.metadata, str(path))
         self.config = self._config()
 
-    def _key(self, suffix: str, default=None, required=True):
-        arch = self.file.get("general.architecture")
-        value = self.file.get(f"{arch}.{suffix}", default)
-        if value is None and required:
-            raise EdgephiError(f"{self.path}: GGUF metadata {arch}.{suffix} is missing")
-        return value
+    @staticmethod
+    def has_magic(path) -> bool:
+        """Whether `path` starts like a GGUF file (opened without blocking; regular files only)."""
+        fd = open_regular(path)
+        try:
+            return os.pread(fd, len(MAGIC), 0) == MAGIC
+        finally:
+            os.close(fd)
 
     def _config(self) -> ModelConfig:
         f = self.file
         arch = f.get("general.architecture")
         if arch not in ARCHITECTURES:
-            raise EdgephiError(f"{self.path}: unsupported GGUF architecture {arch!r} "
+            raise EdgephiError(f"{self.path}: unsupported GGUF architecture {brief(arch)} "
                                f"(supported: {', '.join(ARCHITECTURES)})")
         if "rope_freqs.weight" in f.tensors:
             raise EdgephiError(f"{self.path}: Llama 3.1-style rope frequency scaling is not supported")
-        try:
-            return self._read_config(f, arch)
-        except (TypeError, ValueError, ZeroDivisionError) as exc:
-            raise EdgephiError(f"{self.path}: bad GGUF metadata ({exc})") from None
+        return self._read_config(f, arch)
+
+    def _size(self, key: str, default=Fields.MISSING) -> int:
+        """A count or dimension: an integer type in GGUF (not a float, bool, string or array), >= 1."""
+        return self.meta.integer(key, default, low=1, high=MAX_SIZE)
 
     def _read_config(self, f, arch) -> ModelConfig:
-        D, H = int(self._key("embedding_length")), int(self._key("attention.head_count"))
-        Hk = int(self._key("attention.head_count_kv", H))
-        head_dim = int(self._key("attention.key_length", required=False) or D // H)
+        m, a = self.meta, arch + "."
+        D, H = self._size(a + "embedding_length"), self._size(a + "attention.head_count")
+        Hk = self._size(a + "attention.head_count_kv", H)
+        head_dim = self._size(a + "attention.key_length") if a + "attention.key_length" in m.data else D // H
+        if arch == "llama" and head_dim % 2:  # llama.cpp's Q/K permutation pairs rows within a head
+            raise EdgephiError(f"{self.path}: head dimension {head_dim} is odd")
         embed = f.tensors.get("token_embd.weight")
         if embed is None:
             raise EdgephiError(f"{self.path}: tensor token_embd.weight is missing")
-        context = int(self._key("context_length"))
-        original = int(self._key("rope.scaling.original_context_length", context))
+        context = self._size(a + "context_length")
+        original = self._size(a + "rope.scaling.original_context_length", context)
         scaling = None
         if "rope_factors_long.weight" in f.tensors or "rope_factors_short.weight" in f.tensors:
             if not {"rope_factors_long.weight", "rope_factors_short.weight"} <= f.tensors.keys():
                 raise EdgephiError(f"{self.path}: GGUF has only one of rope_factors_long/rope_factors_short")
-            attn = self._key("rope.scaling.attn_factor", required=False)
-            scaling = RopeScaling(tuple(map(float, f.float_array("rope_factors_short.weight"))),
-                                  tuple(map(float, f.float_array("rope_factors_long.weight"))),
-                                  float(attn) if attn is not None else 1.0)
-        window = self._key("attention.sliding_window", 0, required=False)
+            scaling = RopeScaling(self._rope_factors("rope_factors_short.weight"),
+                                  self._rope_factors("rope_factors_long.weight"),
+                                  m.number(a + "rope.scaling.attn_factor", 1.0, positive=True))
+        window = m.integer(a + "attention.sliding_window", 0, low=0, high=MAX_SIZE)
         return ModelConfig(
             architecture=arch, vocab_size=embed.shape[0], hidden_size=D,
-            num_layers=int(self._key("block_count")), num_heads=H, num_kv_heads=Hk, head_dim=head_dim,
-            intermediate_size=int(self._key("feed_forward_length")),
-            rms_norm_eps=float(self._key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(self._key("rope.freq_base", 10000.0)),
-            rotary_dim=int(self._key("rope.dimension_count", head_dim)),
+            num_layers=self._size(a + "block_count"), num_heads=H, num_kv_heads=Hk, head_dim=head_dim,
+            intermediate_size=self._size(a + "feed_forward_length"),
+            rms_norm_eps=m.number(a + "attention.layer_norm_rms_epsilon", 1e-5, positive=True),
+            rope_theta=m.number(a + "rope.freq_base", 10000.0, positive=True),
+            rotary_dim=self._size(a + "rope.dimension_count", head_dim),
             max_position_embeddings=context, original_max_position_embeddings=original,
-            rope_scaling=scaling, sliding_window=int(window) or None,
+            rope_scaling=scaling, sliding_window=window or None,
             tie_word_embeddings="output.weight" not in f.tensors,
         ).check(str(self.path))
+
+    def _rope_factors(self, name: str) -> tuple[float, ...]:
+        """LongRoPE divides frequencies by these: each must be finite and positive."""
+        values = self.file.float_array(name)
+        if values.ndim != 1 or not np.all(np.isfinite(values) & (values > 0)):
+            raise EdgephiError(f"{self.path}: tensor {name!r} must be a vector of finite positive factors")
+        return tuple(map(float, values))
 
     def _part(self, name: str, shape: tuple[int, ...], order=None) -> Part:
         t = self.file.tensors.get(name)
@@ -93,6 +111,8 @@ class GGUFModel(Source):
         if fmt is None:
             raise EdgephiError(f"{self.path}: tensor {name!r} is {t.type_name}; edgephi reads "
                                "F32, F16, Q8_0, Q4_0 and Q4_1 GGUF tensors")
+        if len(shape) == 1 and not fmt.is_float:  # norm weights are read as floats, never as blocks
+            raise EdgephiError(f"{self.path}: tensor {name!r} is {t.type_name}; a vector must be F32 or F16")
         reader = RowReader(self.path, t.offset, t.nbytes // rows)
         if fmt.is_float:
             def read_floats(idx, reader=reader, dtype="<f4" if fmt.name == "f32" else "<f2"):
@@ -116,10 +136,13 @@ class GGUFModel(Source):
             if c.architecture == "phi3":
                 yield self._matrix(e + "qkv", [b + "attn_qkv.weight"], [(c.qkv_rows, D)])
             else:
-                yield self._matrix(e + "qkv", [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
-                                   [(q_rows, D), (kv_rows, D), (kv_rows, D)],
-                                   [unpermute_order(q_rows, c.num_heads),
-                                    unpermute_order(kv_rows, c.num_kv_heads), None])
+                qkv = self._matrix(e + "qkv", [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
+                                   [(q_rows, D), (kv_rows, D), (kv_rows, D)])
+                # row orders are built once the shapes are checked against the file, so that
+                # hostile metadata cannot make them huge
+                qkv.parts[0].order = unpermute_order(q_rows, c.num_heads)
+                qkv.parts[1].order = unpermute_order(kv_rows, c.num_kv_heads)
+                yield qkv
             yield self._matrix(e + "o", [b + "attn_output.weight"], [(D, q_rows)])
             yield self._vector(e + "ffn_norm", b + "ffn_norm.weight")
             if c.architecture == "phi3":
@@ -135,9 +158,8 @@ class GGUFModel(Source):
         return spec_from_gguf(self.file, str(self.path))
 
     def generation(self, special: dict[str, int]) -> dict:
-        f = self.file
-        eos = [f.get("tokenizer.ggml.eos_token_id"), f.get("tokenizer.ggml.eot_token_id"),
-               f.get("tokenizer.ggml.eom_token_id")]
-        return {"bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
-                "add_bos_token": bool(f.get("tokenizer.ggml.add_bos_token", False)),
-                "eos_token_ids": eos, "chat_template": f.get("tokenizer.chat_template")}
+        m = self.meta
+        ids = [m.integer(f"tokenizer.ggml.{kind}_token_id", None, low=0, optional=True)
+               for kind in ("bos", "eos", "eot", "eom")]
+        return {"bos_token_id": ids[0], "add_bos_token": m.boolean("tokenizer.ggml.add_bos_token", False),
+                "eos_token_ids": ids[1:], "chat_template": m.string("tokenizer.chat_template", None, optional=True)}

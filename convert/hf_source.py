@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from edgephi.errors import EdgephiError
+from edgephi.files import Fields, brief, read_json, read_text
 from edgephi.format import ModelConfig, RopeScaling
 from edgephi.safetensors_io import DTYPES, SafetensorsFile, bf16_to_float32
 
@@ -17,103 +18,123 @@ from .tokenizers import spec_from_tokenizer_json
 
 ARCHITECTURES = {"Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+MAX_SIZE = 1 << 31  # far above any model's dimension, context or layer count; far below overflow
+MAX_TEMPLATE_BYTES = 4 << 20  # chat templates are a few kB
+MAX_NAME = 255  # characters in a shard's file name (a path inside the folder)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EdgephiError(f"{path}: missing") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise EdgephiError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise EdgephiError(f"{path}: expected a JSON object")
-    return data
 
-
-def _rope(cfg: dict, where: str, head_dim: int, max_pos: int) -> tuple[float, int, int, RopeScaling | None]:
+def _rope(c: Fields, where: str, head_dim: int, max_pos: int) -> tuple[float, int, int, RopeScaling | None]:
     """(theta, rotary dims, original max positions, LongRoPE) from either config style:
     the Hub's top-level rope_theta/rope_scaling or transformers 5's rope_parameters."""
-    params = dict(cfg.get("rope_scaling") or {})
-    params.update(cfg.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    factor = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    layers = [f for f in (c.object("rope_parameters", None, optional=True),
+                          c.object("rope_scaling", None, optional=True)) if f is not None]
+
+    def holder(key: str, top: bool = False) -> Fields | None:
+        """The object that sets `key` (null counts as unset): rope_parameters, then rope_scaling,
+        then (when `top`) the config itself."""
+        return next((f for f in layers + [c] * top if f.data.get(key) is not None), None)
+
+    theta = (holder("rope_theta", top=True) or c).number("rope_theta", 10000.0, positive=True)
+    f = holder("partial_rotary_factor", top=True)
+    factor = f.number("partial_rotary_factor", positive=True) if f else 1.0
+    if factor > 1:
+        f.fail("partial_rotary_factor", f"must be in (0, 1], got {factor}")
     rotary_dim = int(head_dim * factor)
-    kind = params.get("rope_type", params.get("type", "default"))
-    original = int(cfg.get("original_max_position_embeddings")
-                   or params.get("original_max_position_embeddings") or max_pos)
+    f = holder("rope_type") or holder("type")
+    kind = f.string("rope_type" if "rope_type" in f.data else "type") if f else "default"
+    # the top-level value first, as the Hub's Phi-3 configs set it there
+    f = c if c.data.get("original_max_position_embeddings") is not None else holder("original_max_position_embeddings")
+    original = f.integer("original_max_position_embeddings", low=1, high=MAX_SIZE) if f else max_pos
     if kind == "default":
         return theta, rotary_dim, original, None
-    if kind not in ("longrope", "su", "yarn") or cfg.get("model_type") not in ("phi3", None):
-        raise EdgephiError(f"{where}: rope scaling {kind!r} is not supported (default and longrope are)")
-    short, long_ = params.get("short_factor"), params.get("long_factor")
+    if kind not in ("longrope", "su", "yarn") or c.data.get("model_type") not in ("phi3", None):
+        raise EdgephiError(f"{where}: rope scaling {brief(kind)} is not supported (default and longrope are)")
+    short_at, long_at = holder("short_factor"), holder("long_factor")
+    short = short_at.numbers("short_factor", positive=True) if short_at else ()
+    long_ = long_at.numbers("long_factor", positive=True) if long_at else ()
     if not short or not long_ or len(short) != rotary_dim // 2 or len(long_) != rotary_dim // 2:
         raise EdgephiError(f"{where}: longrope short_factor/long_factor must each have {rotary_dim // 2} values")
-    attention = params.get("attention_factor")
+    f = holder("attention_factor")
+    attention = f.number("attention_factor", positive=True) if f else None
     if attention is None:
         # transformers: the scale ratio defaults to max/original positions when `factor` is absent
-        scale = params.get("factor") or max_pos / original
+        f = holder("factor")
+        scale = f.number("factor", positive=True) if f else max_pos / original
+        if scale > 1 and original < 2:  # the factor divides by log(original)
+            c.fail("original_max_position_embeddings", f"must be at least 2 for LongRoPE, got {original}")
         attention = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original))
-    return theta, rotary_dim, original, RopeScaling(tuple(map(float, short)), tuple(map(float, long_)),
-                                                    float(attention))
+    return theta, rotary_dim, original, RopeScaling(short, long_, attention)
+
+
+def config_from_json(cfg: dict, path: Path) -> ModelConfig:
+    where = str(path)
+    c = Fields(cfg, f"{where}: bad value")  # errors read "config.json: bad value: <field> <problem>"
+    archs = cfg.get("architectures")
+    if archs is not None and not isinstance(archs, list):
+        c.fail("architectures", f"must be a JSON array, got {brief(archs)}")
+    name = archs[0] if archs and isinstance(archs[0], str) else None
+    if name not in ARCHITECTURES:
+        shown = name or cfg.get("model_type")
+        raise EdgephiError(f"{where}: unsupported architecture {brief(shown)} "
+                           f"(supported: {', '.join(ARCHITECTURES)})")
+    arch = ARCHITECTURES[name]
+    for key in REQUIRED:
+        if key not in cfg:
+            raise EdgephiError(f"{where}: missing {key}")
+    D, H = c.integer("hidden_size", low=1, high=MAX_SIZE), c.integer("num_attention_heads", low=1, high=MAX_SIZE)
+    Hk = c.integer("num_key_value_heads", None, low=1, high=MAX_SIZE, optional=True) or H
+    head_dim = c.integer("head_dim", None, low=1, high=MAX_SIZE, optional=True) or D // H
+    max_pos = c.integer("max_position_embeddings", 4096, low=1, high=MAX_SIZE)
+    theta, rotary_dim, original, scaling = _rope(c, where, head_dim, max_pos)
+    if arch == "llama" and (c.boolean("attention_bias", False) or c.boolean("mlp_bias", False)):
+        raise EdgephiError(f"{where}: Llama models with attention or MLP biases are not supported")
+    return ModelConfig(
+        architecture=arch, vocab_size=c.integer("vocab_size", low=1, high=MAX_SIZE), hidden_size=D,
+        num_layers=c.integer("num_hidden_layers", low=1, high=MAX_SIZE), num_heads=H, num_kv_heads=Hk,
+        head_dim=head_dim, intermediate_size=c.integer("intermediate_size", low=1, high=MAX_SIZE),
+        rms_norm_eps=c.number("rms_norm_eps", 1e-5, positive=True),
+        rope_theta=theta, rotary_dim=rotary_dim, max_position_embeddings=max_pos,
+        original_max_position_embeddings=original, rope_scaling=scaling,
+        sliding_window=c.integer("sliding_window", None, low=0, high=MAX_SIZE, optional=True) or None,
+        tie_word_embeddings=c.boolean("tie_word_embeddings", False),
+    ).check(where)
 
 
 def read_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
-    cfg = _read_json(path)
-    archs = cfg.get("architectures")
-    name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
-    if name not in ARCHITECTURES:
-        raise EdgephiError(f"{path}: unsupported architecture {name or cfg.get('model_type')!r} "
-                           f"(supported: {', '.join(ARCHITECTURES)})")
-    arch = ARCHITECTURES[name]
-    try:
-        D, H = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        Hk = int(cfg.get("num_key_value_heads") or H)
-        if min(D, H, Hk, int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])) <= 0:
-            raise ValueError("sizes and counts must be positive")
-        head_dim = int(cfg.get("head_dim") or D // H)
-        max_pos = int(cfg.get("max_position_embeddings", 4096))
-        theta, rotary_dim, original, scaling = _rope(cfg, str(path), head_dim, max_pos)
-        window = cfg.get("sliding_window")
-        config = ModelConfig(
-            architecture=arch, vocab_size=int(cfg["vocab_size"]), hidden_size=D,
-            num_layers=int(cfg["num_hidden_layers"]), num_heads=H, num_kv_heads=Hk, head_dim=head_dim,
-            intermediate_size=int(cfg["intermediate_size"]), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=theta, rotary_dim=rotary_dim, max_position_embeddings=max_pos,
-            original_max_position_embeddings=original, rope_scaling=scaling,
-            sliding_window=int(window) if window else None,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
-    except KeyError as exc:
-        raise EdgephiError(f"{path}: missing {exc.args[0]}") from None
-    except (TypeError, ValueError) as exc:
-        raise EdgephiError(f"{path}: bad value ({exc})") from None
-    if arch == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-        raise EdgephiError(f"{path}: Llama models with attention or MLP biases are not supported")
-    return config.check(str(path))
+    return config_from_json(read_json(path), path)
+
+
+def _shard_name(index: Fields, tensor: str, shard) -> str:
+    """A file name from the index's weight_map, which must stay inside the checkpoint folder."""
+    if (not isinstance(shard, str) or not 0 < len(shard) <= MAX_NAME or "\0" in shard
+            or PurePosixPath(shard).is_absolute() or ".." in PurePosixPath(shard).parts):
+        index.fail(f"weight_map[{brief(tensor)}]", f"must name a file inside the folder, got {brief(shard)}")
+    return shard
 
 
 def open_shards(folder: Path) -> dict[str, SafetensorsFile]:
     """tensor name -> the mapped file holding it (one file or an index of shards)."""
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise EdgephiError(f"{index}: no weight_map")
+    if os.path.lexists(index):
+        fields = Fields(read_json(index), str(index))
+        weight_map = {name: _shard_name(fields, name, shard)
+                      for name, shard in fields.object("weight_map").data.items()}
         files = {}
         for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
+            if not os.path.exists(folder / shard):  # a dangling link is missing too
                 raise EdgephiError(f"{folder / shard}: shard listed in {index.name} is missing")
             files[shard] = SafetensorsFile(folder / shard)
         located = {}
         for name, shard in weight_map.items():
             if name not in files[shard].header:
-                raise EdgephiError(f"{folder / shard}: tensor {name!r} listed in {index.name} is missing")
+                raise EdgephiError(f"{folder / shard}: tensor {brief(name)} listed in {index.name} is missing")
             located[name] = files[shard]
         return located
     single = folder / "model.safetensors"
-    if not single.is_file():
+    if not os.path.lexists(single):
         raise EdgephiError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     f = SafetensorsFile(single)
     return {name: f for name in f.keys()}
@@ -122,8 +143,8 @@ def open_shards(folder: Path) -> dict[str, SafetensorsFile]:
 class HFCheckpoint(Source):
     def __init__(self, folder: Path):
         self.folder = folder
-        self.config = read_config(folder)
-        self.raw_config = _read_json(folder / "config.json")  # for bos/eos ids
+        self.raw_config = read_json(folder / "config.json")  # also for bos/eos ids
+        self.config = config_from_json(self.raw_config, folder / "config.json")
         self.files = open_shards(folder)
         self._used: set[str] = set()
 
@@ -176,41 +197,67 @@ class HFCheckpoint(Source):
                     and not (c.tie_word_embeddings and n == "lm_head.weight")]
         if leftover:
             raise EdgephiError(f"{self.folder}: unexpected tensors the {c.architecture} architecture does "
-                               f"not use: {', '.join(sorted(leftover)[:5])}")
+                               f"not use: {', '.join(brief(n) for n in sorted(leftover)[:5])}")
 
     def tokenizer(self):
         path = self.folder / "tokenizer.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise EdgephiError(f"{path}: missing (edgephi builds its tokenizer from tokenizer.json)")
         return spec_from_tokenizer_json(path)
 
     def generation(self, special: dict[str, int]) -> dict:
         """bos/eos/end-of-turn ids and the chat template, from the checkpoint's side files."""
-        cfg = self.raw_config
+        cfg = Fields(self.raw_config, str(self.folder / "config.json"))
         gen = _optional_json(self.folder / "generation_config.json")
         tok = _optional_json(self.folder / "tokenizer_config.json")
-        template = tok.get("chat_template")
+        template = _chat_template(tok)
         jinja = self.folder / "chat_template.jinja"
-        if jinja.is_file():
-            template = jinja.read_text(encoding="utf-8")
-        if isinstance(template, list):  # [{"name": ..., "template": ...}]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if os.path.exists(jinja):
+            template = read_text(jinja, MAX_TEMPLATE_BYTES)
 
-        def token_id(value):
+        def token_id(key: str) -> int | None:
+            """The id of tokenizer_config's `key` token: a string or an AddedToken object."""
+            value = tok.data.get(key)
             if isinstance(value, dict):
-                value = value.get("content")
+                value = Fields(value, tok.where, f"{key}.").string("content", None, optional=True)
+            elif value is not None and not isinstance(value, str):
+                tok.fail(key, f"must be a string or a token object, got {brief(value)}")
             return special.get(value) if isinstance(value, str) else None
 
-        eos = []
-        for value in (gen.get("eos_token_id"), cfg.get("eos_token_id")):
-            eos += value if isinstance(value, list) else [value] if value is not None else []
-        eos.append(token_id(tok.get("eos_token")))
-        bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
+        eos = _token_ids(gen, "eos_token_id") + _token_ids(cfg, "eos_token_id") + [token_id("eos_token")]
+        bos = (gen if "bos_token_id" in gen.data else cfg).integer("bos_token_id", None, low=0, optional=True)
         if bos is None:
-            bos = token_id(tok.get("bos_token"))
-        return {"bos_token_id": bos, "add_bos_token": bool(tok.get("add_bos_token", False)),
+            bos = token_id("bos_token")
+        add_bos = tok.data.get("add_bos_token")
+        if add_bos not in (None, True, False):
+            tok.fail("add_bos_token", f"must be true or false, got {brief(add_bos)}")
+        return {"bos_token_id": bos, "add_bos_token": bool(add_bos),
                 "eos_token_ids": eos, "chat_template": template}
 
 
-def _optional_json(path: Path) -> dict:
-    return _read_json(path) if path.is_file() else {}
+def _optional_json(path: Path) -> Fields:
+    """An optional side file's fields; absent means empty (a FIFO or a folder is refused)."""
+    return Fields(read_json(path) if os.path.exists(path) else {}, str(path))
+
+
+def _token_ids(f: Fields, key: str) -> list[int]:
+    """An id or a list of ids (generation_config's eos_token_id may be either); null means none."""
+    value = f.data.get(key)
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31 for v in values):
+        f.fail(key, f"must be a token id or a list of them, got {brief(value)}")
+    return values
+
+
+def _chat_template(tok: Fields) -> str | None:
+    """tokenizer_config's chat_template: a string, or [{"name": ..., "template": ...}] (the default's)."""
+    value = tok.data.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        tok.fail("chat_template", f"must be a string or a list of named templates, got {brief(value)}")
+    for i, entry in enumerate(value):
+        named = Fields(entry, tok.where, f"chat_template[{i}].")
+        if named.string("name", None, optional=True) == "default":
+            return named.string("template")
+    return None

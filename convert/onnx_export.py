@@ -18,7 +18,7 @@ import numpy as np
 
 from edgephi.errors import EdgephiError, ModelFormatError
 from edgephi.onnx_backend import EDGEPHI_SUBFOLDER, MODEL_FILE
-from edgephi.format import WEIGHTS_FILE, ModelConfig, read_config
+from edgephi.format import WEIGHTS_FILE, ModelConfig, read_config, read_generation
 from edgephi.quant import BLOCK, FORMATS, dequantize
 from edgephi.safetensors_io import SafetensorsFile
 from edgephi.weights import read_planes
@@ -353,7 +353,6 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_co
     import shutil
     import time
 
-    from edgephi.api import read_generation_config
     from edgephi.format import CONFIG_FILE, GENERATION_FILE, TOKENIZER_RANKS_FILE, TOKENIZER_SPEC_FILE
     from edgephi.tokenizer_files import TokenizerSpec
 
@@ -364,7 +363,7 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_co
     folder, out = Path(folder), Path(out)
     check_target(out, force, folder, kind="onnx")
     model = open_model(folder)
-    generation = read_generation_config(folder)
+    generation = read_generation(folder, model.cfg.vocab_size)
     spec = TokenizerSpec.load(folder)
     context = model.cfg.max_position_embeddings
     report = ExportReport(out)

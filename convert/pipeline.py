@@ -14,7 +14,8 @@ import numpy as np
 import models
 from edgephi import format as fmt_
 from edgephi.errors import EdgephiError
-from edgephi.quant import FORMATS, QuantFormat, can_quantize, dequantize, plane_key, plane_layout, quantize
+from edgephi.quant import (FORMATS, QuantFormat, can_quantize, check_finite, dequantize, plane_key, plane_layout,
+                           quantize)
 from edgephi.safetensors_io import SafetensorsWriter
 
 from .gguf_source import GGUFModel
@@ -66,9 +67,9 @@ def open_source(src: Path):
         raise EdgephiError(f"{src}: no such file or folder")
     if src.is_dir():
         return HFCheckpoint(src)
-    with open(src, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
+    if not src.is_file():  # a FIFO would block the read below forever, /dev/zero never end
+        raise EdgephiError(f"{src}: not a regular file (nor a Hugging Face checkpoint folder)")
+    if not GGUFModel.has_magic(src):  # opened non-blocking, refused if no longer a regular file
         raise EdgephiError(f"{src}: not a GGUF file or a Hugging Face checkpoint folder")
     return GGUFModel(src)
 
@@ -131,13 +132,18 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
     if tokenizer.n_vocab > config.vocab_size:
         raise EdgephiError(f"{src}: tokenizer has {tokenizer.n_vocab} ids but the embedding only "
                            f"{config.vocab_size} rows")
+    # what the runtime will check at every load, checked before anything is written
+    config.check(str(src)).check_recipe(str(src))
+    tokenizer.check(f"{src} (tokenizer)")
+    generation = fmt_.check_generation(_generation(source, tokenizer, preset_info), f"{src} (generation settings)",
+                                       config.vocab_size)
 
     report = Report(out)
     with staged_folder(out, check=lambda: check_target(out, force, src)) as tmp:
-        _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress)
+        _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress, str(src))
         (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
         tokenizer.save(tmp)
-        (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(_generation(source, tokenizer, preset_info), indent=1) + "\n")
+        (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(generation, indent=1) + "\n")
     report.bytes_on_disk = sum(p.stat().st_size for p in out.iterdir())
     report.seconds = time.perf_counter() - started
     return report
@@ -152,7 +158,7 @@ def _logical_shape(t: SourceTensor, matrices: set[str]) -> tuple[int, ...]:
 
 
 def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, QuantFormat], report: Report,
-                   progress) -> None:
+                   progress, where: str) -> None:
     matrices = _matrix_names(tensors)
     entries = []
     for t in tensors:
@@ -176,10 +182,15 @@ def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, Q
                     planes = t.planes(start, stop)
                 else:
                     ref = t.floats(start, stop)
+                    if not np.isfinite(ref).all():
+                        row = start + int(np.nonzero(~np.isfinite(ref).all(axis=-1))[0][0])
+                        raise EdgephiError(f"{where}: tensor {t.origin} holds NaN or Inf (row {row})")
                     planes = quantize(ref, f)
                     back = dequantize(planes, f).astype(np.float64)
                     rep._err2 += float(np.sum((back - ref) ** 2))
                     rep._ref2 += float(np.sum(ref.astype(np.float64) ** 2))
+                # a finite source can still overflow float16 scales (a block whose largest value is 1e7)
+                check_finite(where, t.origin, planes)
                 for plane, arr in planes.items():
                     if t.name not in matrices:
                         arr = arr.reshape(-1)

@@ -1,30 +1,23 @@
 """The generation API apps use (prompts, streaming, chat), the same over every backend.
 
-A backend provides: config (ModelConfig), tokenizer, generation_config (generation.json), a cache
-(reset(), next_pos, owner, truncate(n) -> bool, keep_prefix(n), capacity), feed(tokens) -> logits
-(1, V) of the last token, step(token) -> the same for one token, and logits(ids) -> (len(ids), V).
+A backend provides: config (ModelConfig), tokenizer, generation_config (generation.json), context
+(the default KV capacity), sequence() -> a new token sequence with its own KV cache (capacity,
+next_pos, reset(), truncate(n) -> bool, keep_prefix(n), feed(tokens) -> logits (1, V) of the last
+token, step(token) -> the same for one token), and logits(ids) -> (len(ids), V).
+
+Every generation owns its sequence, so one loaded model serves many threads and conversations at
+once without mixing them.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from .chat import ChatSession, check_messages
-from .errors import ModelFormatError
-from .format import GENERATION_FILE
 from .generate import GenerationStats, check_max_new_tokens, check_stop, text_stream, token_stream
 from .sampling import SamplingParams
-
-
-def read_generation_config(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / GENERATION_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"{Path(folder) / GENERATION_FILE}: unreadable ({exc})") from None
 
 
 class LanguageModel:
@@ -56,8 +49,7 @@ class LanguageModel:
     def _fresh_stream(self, ids, max_new_tokens, stop, ignore_eos, stats, sampling) -> Iterator[int]:
         params = SamplingParams(**sampling)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        self.cache.reset()
-        return token_stream(self, ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
+        return token_stream(self, self.sequence(), ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
                             ignore_eos=ignore_eos, stats=stats)
 
     def stream(self, prompt, *, special_tokens: bool = False, max_new_tokens: int = 256, stop=None,
@@ -72,7 +64,7 @@ class LanguageModel:
         return "".join(self.stream(prompt, **options))
 
     def chat_session(self, *, system: str | None = None, **options) -> ChatSession:
-        """A conversation that keeps its KV cache between turns (see ChatSession)."""
+        """A conversation with a KV cache of its own, kept between turns (see ChatSession)."""
         return ChatSession(self, system=system, **options)
 
     def chat(self, messages, **options) -> str:

@@ -100,23 +100,24 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5,
     vocab = model.tokenizer.n_vocab
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
     gen = [int(t) for t in rng.integers(0, vocab, gen_tokens)]
+    sequence = model.sequence()
     started = time.perf_counter()
-    model.feed(prompt[:2])
-    model.step(gen[0])
+    sequence.feed(prompt[:2])
+    sequence.step(gen[0])
     if kernels_s is None:
         jit_s = time.perf_counter() - started
     else:
         jit_s, load_s = kernels_s, load_s - kernels_s
     prefill, decode, ttft = [], [], []
     for _ in range(repetitions):
-        model.cache.reset()
+        sequence.reset()
         t0 = time.perf_counter()
-        model.feed(prompt)
+        sequence.feed(prompt)
         t1 = time.perf_counter()
-        model.cache.reset()
+        sequence.reset()
         t2 = time.perf_counter()
         for tok in gen:
-            model.step(tok)
+            sequence.step(tok)
         t3 = time.perf_counter()
         prefill.append(prompt_tokens / (t1 - t0))
         ttft.append(t1 - t0)
@@ -127,31 +128,29 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5,
                          statistics.median(prefill), decode_tok_s, statistics.median(ttft), peak_rss_mb,
                          getattr(model, "backend", "numba"))
     if result.backend == "numba":
-        import numba
-
         from .format import WEIGHTS_FILE
 
-        result.threads = numba.get_num_threads()
+        result.threads = model.threads
         result.weights_file_mb = (model.folder / WEIGHTS_FILE).stat().st_size / 2**20
-        result.kv_cache_mb = model.cache.nbytes / 2**20
+        result.kv_cache_mb = sequence.cache.nbytes / 2**20
         result.weight_bytes_per_token = decode_bytes(model.weights)
-        result.bandwidth_rounds = _paired_bandwidth_rounds(model, gen, repetitions)
+        result.bandwidth_rounds = _paired_bandwidth_rounds(sequence, gen, repetitions)
         result.read_gb_s = statistics.median(gb_s for gb_s, _ in result.bandwidth_rounds)
         result.bandwidth_fraction = statistics.median(
             tok_s * result.weight_bytes_per_token / (gb_s * 1e9) for gb_s, tok_s in result.bandwidth_rounds)
     return result
 
 
-def _paired_bandwidth_rounds(model, gen, rounds):
+def _paired_bandwidth_rounds(sequence, gen, rounds):
     """[GB/s, decode tok/s] of rounds that each probe the bandwidth right before decoding `gen`.
     Runs after peak RSS is taken: the probe's buffer is not the model's."""
     words = np.ones(PROBE_BYTES // 8, np.uint64)
     pairs = []
     for _ in range(rounds):
         gb_s = read_bandwidth(words, repetitions=2)
-        model.cache.reset()
+        sequence.reset()
         t0 = time.perf_counter()
         for tok in gen:
-            model.step(tok)
+            sequence.step(tok)
         pairs.append([gb_s, len(gen) / (time.perf_counter() - t0)])
     return pairs

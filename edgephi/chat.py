@@ -1,9 +1,9 @@
-"""Chat templates (the model's own Jinja template, sandboxed) and chat sessions that keep their
-KV cache between turns, so a turn costs only its own tokens."""
+"""Chat sessions: conversations that keep their own KV cache between turns, so a turn costs only
+its own tokens and sessions sharing a model never see each other's context."""
 
 from __future__ import annotations
 
-import re
+import threading
 from typing import Iterator
 
 from .errors import EdgephiError
@@ -22,82 +22,28 @@ def check_messages(messages) -> list[dict]:
     return [dict(m) for m in messages]
 
 
-class ChatTemplate:
-    """Renders messages to token ids. Special tokens come only from the template's own text:
-    a message that contains "<|im_start|>" keeps it as ordinary text."""
-
-    def __init__(self, source: str | None, tokenizer, generation_config: dict):
-        if not source:
-            raise EdgephiError("this model has no chat template; use generate() with your own prompt")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # chat templates are Jinja
-
-        def raise_exception(message):
-            raise EdgephiError(f"chat template: {message}")
-
-        # the environment transformers renders chat templates in
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        try:
-            self.template = env.from_string(source)
-        except jinja2.TemplateError as exc:
-            raise EdgephiError(f"chat template: {exc}") from None
-        self.tokenizer = tokenizer
-        ids = {v: k for k, v in tokenizer.special_tokens.items()}
-        self.bos_token = ids.get(generation_config.get("bos_token_id"), "")
-        self.eos_token = ids.get(generation_config.get("eos_token_id"), "")
-        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
-        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-        """The prompt text and the character spans that came from message contents."""
-        marks = [f"\x00{i}\x00" for i in range(len(messages))]  # stand-ins to locate contents
-        marked = [dict(m, content=mark) for m, mark in zip(messages, marks)]
-        import jinja2
-
-        try:
-            text = self.template.render(messages=marked, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
-        except jinja2.TemplateError as exc:
-            raise EdgephiError(f"chat template: {exc}") from None
-        out, spans, pos = [], [], 0
-        for piece in re.split("(\x00\\d+\x00)", text):
-            if piece in marks:
-                content = messages[marks.index(piece)]["content"]
-                spans.append((pos, pos + len(content)))
-                piece = content
-            out.append(piece)
-            pos += len(piece)
-        return "".join(out), spans
-
-    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text, spans = self.render(check_messages(messages), add_generation_prompt)
-        ids, start = [], 0
-        if self._special_re is not None:
-            for match in self._special_re.finditer(text):
-                if any(a < match.end() and match.start() < b for a, b in spans):
-                    continue  # inside a message: ordinary text
-                ids += self.tokenizer.encode(text[start:match.start()])
-                ids.append(self.tokenizer.special_tokens[match.group()])
-                start = match.end()
-        return ids + self.tokenizer.encode(text[start:])
-
-
 class ChatSession:
-    """A conversation with one model: each send() renders the whole conversation with the chat
-    template and feeds only the tokens the KV cache does not hold yet."""
+    """A conversation with one model. It owns its KV cache (a sequence of the model), so sessions
+    never see each other's context, in one thread or many. Each send() renders the whole
+    conversation with the chat template and feeds only the tokens the cache does not hold yet.
+
+    Memory: the KV ring fills as the conversation grows, up to model.kv_bytes() (pages are mapped
+    only when written), plus one row of logits; close() (or the end of a `with` block) frees them."""
 
     def __init__(self, model, *, system: str | None = None, max_new_tokens: int = 512, stop=None,
-                 ignore_eos: bool = False, **sampling):
+                 ignore_eos: bool = False, context: int | None = None, **sampling):
+        from .chat_template import ChatTemplate  # jinja2 is imported only by apps that chat
+
         self.model = model
         self.template = ChatTemplate(model.generation_config.get("chat_template"), model.tokenizer,
-                                     model.generation_config)
+                                     model.generation_config, where=model.generation_file)
         self.params = SamplingParams(**sampling)
         self.max_new_tokens = check_max_new_tokens(max_new_tokens)
         self.stop = check_stop(stop)
         self.ignore_eos = ignore_eos
         self.last_stats: GenerationStats | None = None
+        self._answering = threading.Lock()  # one turn at a time
+        self.sequence = model.sequence(context)
         self.reset(system)
 
     def reset(self, system: str | None = None) -> None:
@@ -107,36 +53,63 @@ class ChatSession:
         elif not hasattr(self, "system"):
             self.system = None
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self._fed: list[int] = []  # every id this session put in the cache, in order
+        self._fed: list[int] = []  # every id this session put in its cache, in order
+        if self.sequence is not None:
+            self.sequence.reset()
+
+    def close(self) -> None:
+        """Free the KV cache; the session cannot be used afterwards."""
+        self.sequence = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the assistant's reply to a user message; the reply joins the conversation."""
         if not isinstance(text, str):
             raise ValueError("the user message must be a string")
-        self.messages.append({"role": "user", "content": text})
-        ids = self.template.encode(self.messages, add_generation_prompt=True)
-        cache = self.model.cache
+        if self.sequence is None:
+            raise EdgephiError("this chat session is closed")
+        return self._turn(text)
+
+    def _turn(self, text: str) -> Iterator[str]:
+        """The turn runs as the reply is consumed: a send() never iterated changes nothing."""
+        if not self._answering.acquire(blocking=False):
+            raise EdgephiError("this chat session is already answering (in another thread, or a reply not "
+                               "yet read to the end); finish or close that reply first")
+        try:
+            yield from self._answer(text)
+        finally:
+            self._answering.release()
+
+    def _answer(self, text: str) -> Iterator[str]:
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = self.template.encode(messages, add_generation_prompt=True)
+        self.messages = messages
+        sequence = self.sequence
         common = 0
         for a, b in zip(ids, self._fed):
             if a != b:
                 break
             common += 1
-        if cache.owner is not self or cache.next_pos != len(self._fed):
-            common = 0  # another session or generate() used the cache since our last turn
-        if common < len(self._fed) and not (cache.owner is self and cache.truncate(common)):
+        # the template may re-render earlier turns differently (say, dropping a reasoning part):
+        # keep what still matches, unless the ring has already overwritten part of it
+        if common < len(self._fed) and not sequence.truncate(common):
             common = 0
         if common == 0:
-            cache.reset()
-            cache.owner = self
+            sequence.reset()
             self._fed = []
-        if common == 0 and self.system:
-            system_ids = self.template.encode(self.messages[:1], add_generation_prompt=False)
-            if ids[:len(system_ids)] == system_ids and len(system_ids) < cache.capacity // 2:
-                cache.keep_prefix(len(system_ids))  # the ring never drops the system prompt
+            if self.system:
+                system_ids = self.template.encode(self.messages[:1], add_generation_prompt=False)
+                if ids[:len(system_ids)] == system_ids and len(system_ids) < sequence.capacity // 2:
+                    sequence.keep_prefix(len(system_ids))  # the ring never drops the system prompt
         stats = self.last_stats = GenerationStats()
-        tokens = token_stream(self.model, ids[common:], params=self.params, max_new_tokens=self.max_new_tokens,
-                              stop=self.stop, ignore_eos=self.ignore_eos, context_ids=self._fed[:common],
-                              stats=stats)
+        tokens = token_stream(self.model, sequence, ids[common:], params=self.params,
+                              max_new_tokens=self.max_new_tokens, stop=self.stop, ignore_eos=self.ignore_eos,
+                              context_ids=self._fed[:common], stats=stats)
         reply = []
         try:
             for piece in text_stream(self.model.tokenizer, tokens, self.stop):

@@ -202,7 +202,7 @@ def chat(model_path, system, max_tokens, threads, context, backend, **options):
     session = model.chat_session(system=system, max_new_tokens=max_tokens, **sampling_kwargs(options))
     interactive = sys.stdin.isatty()
     if interactive:
-        click.echo(f"edgephi chat: {model.folder.name} ({model.config.architecture}, context {model.cache.capacity}). "
+        click.echo(f"edgephi chat: {model.folder.name} ({model.config.architecture}, context {model.context}). "
                    "/reset /system TEXT /stats /exit", err=True)
     while True:
         try:

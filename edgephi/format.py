@@ -14,11 +14,12 @@ A model folder holds:
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFormatError
+from .files import Fields, read_json
 
 FORMAT_NAME = "edgephi"
 FORMAT_VERSION = 1
@@ -30,6 +31,7 @@ TOKENIZER_SPEC_FILE = "tokenizer.json"
 GENERATION_FILE = "generation.json"
 
 ARCHITECTURES = ("phi3", "llama")
+MAX_SIZE = 1 << 31  # any dimension or count; products of two stay far inside int64
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,84 @@ class ModelConfig:
     source: dict = field(default_factory=dict, compare=False)
 
     def check(self, where: str) -> "ModelConfig":
-        """Sizes a converter may meet in a source file, checked before any tensor is read."""
-        sizes = (self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.num_kv_heads,
-                 self.head_dim, self.intermediate_size)
-        if min(sizes) <= 0:
-            raise ModelFormatError(f"{where}: sizes and counts must be positive")
-        if self.num_heads % self.num_kv_heads or self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            raise ModelFormatError(f"{where}: inconsistent heads ({self.num_heads}/{self.num_kv_heads}) or rotary "
-                                   f"dims ({self.rotary_dim}/{self.head_dim})")
+        """Every invariant the kernels rely on, for configs from any source: integer sizes in
+        range, divisible heads, rotary dims within a head, finite positive RoPE values. A config
+        that passes cannot make a kernel index outside the arrays built from it."""
+        def fail(problem):
+            raise ModelFormatError(f"{where}: {problem}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "rotary_dim", "max_position_embeddings",
+                     "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= MAX_SIZE:
+                fail(f"{name} must be an integer in [1, {MAX_SIZE}], got {value!r}")
+        if self.architecture not in ARCHITECTURES:
+            fail(f"unknown architecture {self.architecture!r} (known: {', '.join(ARCHITECTURES)})")
+        if self.num_heads % self.num_kv_heads:
+            fail(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            fail(f"rotary_dim must be even and at most head_dim ({self.head_dim}), got {self.rotary_dim}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0 or (name == "rope_theta" and value == 0):
+                fail(f"{name} must be a finite number {'> 0' if name == 'rope_theta' else '>= 0'}, got {value!r}")
+        window = self.sliding_window
+        if window is not None and (not _is_int(window) or not 1 <= window <= MAX_SIZE):
+            fail(f"sliding_window must be null or an integer in [1, {MAX_SIZE}], got {window!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            fail(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         scaling = self.rope_scaling
-        if scaling and not len(scaling.short_factor) == len(scaling.long_factor) == self.rotary_dim // 2:
-            raise ModelFormatError(f"{where}: LongRoPE factors must each have {self.rotary_dim // 2} values")
+        if scaling is not None:
+            for name in ("short_factor", "long_factor"):
+                factors = getattr(scaling, name)
+                if len(factors) != self.rotary_dim // 2:
+                    fail(f"LongRoPE {name} must have {self.rotary_dim // 2} values (rotary_dim / 2), "
+                         f"got {len(factors)}")
+                if not all(_is_number(f) and f > 0 for f in factors):
+                    fail(f"LongRoPE {name} must hold finite numbers > 0")
+            if not _is_number(scaling.attention_factor) or scaling.attention_factor <= 0:
+                fail(f"LongRoPE attention_factor must be a finite number > 0, got {scaling.attention_factor!r}")
+        return self
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor of the model, in file order."""
+        per_layer = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+        names = ["embed"] + [f"layers.{i}.{kind}" for i in range(self.num_layers) for kind in per_layer]
+        return names + ["norm"] + ([] if self.tie_word_embeddings else ["output"])
+
+    def check_recipe(self, where: str) -> "ModelConfig":
+        """The per-tensor recipe names exactly this model's tensors, each in a known format with
+        the shape the dimensions imply (quantized formats: whole blocks of 32 per row)."""
+        from .quant import BLOCK, FORMATS
+
+        if not isinstance(self.tensors, dict):
+            raise ModelFormatError(f"{where}: tensors must be a JSON object")
+        count = 6 * self.num_layers + (2 if self.tie_word_embeddings else 3)
+        if len(self.tensors) != count:  # before listing the names: num_layers may be huge
+            raise ModelFormatError(f"{where}: tensors has {len(self.tensors)} recipes, but a {self.num_layers}-layer "
+                                   f"{'tied' if self.tie_word_embeddings else 'untied'} model has {count} tensors")
+        expected = self.tensor_names()
+        extra = sorted(set(self.tensors) - set(expected))
+        if extra:
+            raise ModelFormatError(f"{where}: tensors lists {', '.join(extra[:3])}, which a {self.num_layers}-layer "
+                                   f"{'tied' if self.tie_word_embeddings else 'untied'} model does not have")
+        for name in expected:
+            recipe = self.tensors.get(name)
+            if not isinstance(recipe, dict):
+                raise ModelFormatError(f"{where}: tensors has no recipe for {name!r}")
+            fmt, shape = FORMATS.get(recipe.get("format")), recipe.get("shape")
+            if fmt is None:
+                raise ModelFormatError(f"{where}: tensors.{name}.format must be one of {', '.join(FORMATS)}, "
+                                       f"got {recipe.get('format')!r}"[:300])
+            want = list(expected_shape(self, name))
+            if shape != want or not all(_is_int(n) for n in shape):
+                raise ModelFormatError(f"{where}: tensors.{name}.shape must be {want}, got {shape!r}"[:300])
+            if len(want) == 1 and fmt.name != "f32":
+                raise ModelFormatError(f"{where}: tensors.{name} is a norm and must be f32, got {fmt.name}")
+            if not fmt.is_float and want[1] % BLOCK:
+                raise ModelFormatError(f"{where}: tensors.{name} has {want[1]} columns, not whole blocks of "
+                                       f"{BLOCK}, so it cannot be {fmt.name}")
         return self
 
     @property
@@ -95,38 +164,48 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, data: dict, where: str = CONFIG_FILE) -> "ModelConfig":
+        """A config.json as the converter wrote it, checked as thoroughly as a converter source:
+        the runtime trusts nothing in a model folder it did not verify."""
+        f = Fields(data, where)
         if data.get("format") != FORMAT_NAME:
             raise ModelFormatError(f"{where}: not an edgephi model config")
-        version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        version = f.integer("format_version", optional=True)
+        if version is None or version > FORMAT_VERSION or version < 1:
             raise ModelFormatError(
                 f"{where}: made by a newer edgephi (format version {version}, this one reads "
                 f"{FORMAT_VERSION}); upgrade edgephi or convert the model again"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {fld.name for fld in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         missing = names - kwargs.keys() - {"rope_scaling", "sliding_window", "tie_word_embeddings",
                                             "tensors", "source"}
         if missing:
             raise ModelFormatError(f"{where}: missing {', '.join(sorted(missing))}")
-        if kwargs["architecture"] not in ARCHITECTURES:
-            raise ModelFormatError(f"{where}: unknown architecture {kwargs['architecture']!r}")
-        if kwargs.get("rope_scaling"):
-            rs = kwargs["rope_scaling"]
-            kwargs["rope_scaling"] = RopeScaling(tuple(rs["short_factor"]), tuple(rs["long_factor"]),
-                                                 float(rs["attention_factor"]))
-        return cls(**kwargs)
+        rope = f.object("rope_scaling", None, optional=True)
+        if rope is not None:
+            kwargs["rope_scaling"] = RopeScaling(rope.numbers("short_factor"), rope.numbers("long_factor"),
+                                                 rope.number("attention_factor"))
+        f.object("tensors", {})
+        f.object("source", {})
+        return cls(**kwargs).check(where).check_recipe(where)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_config(folder: Path) -> ModelConfig:
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise ModelFormatError(f"{folder}: not a folder (an edgephi model is a folder made by `edgephi convert`)")
+    if not path.exists():
         raise ModelFormatError(f"{folder}: not an edgephi model folder (no {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
-    return ModelConfig.from_json(data, str(path))
+    return ModelConfig.from_json(read_json(path), str(path))
 
 
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
@@ -144,3 +223,25 @@ def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "gate_up": (2 * F, D),
         "down": (D, F),
     }[kind]
+
+
+def check_generation(data: dict, where: str, vocab_size: int) -> dict:
+    """generation.json's fields, typed and with every id inside the vocabulary; returns a clean copy."""
+    f = Fields(data, where)
+    out = {
+        "bos_token_id": f.integer("bos_token_id", None, low=0, high=vocab_size - 1, optional=True),
+        "add_bos_token": f.boolean("add_bos_token", False),
+        "eos_token_id": f.integer("eos_token_id", None, low=0, high=vocab_size - 1, optional=True),
+        "chat_template": f.string("chat_template", None, optional=True),
+    }
+    eos = f.array("eos_token_ids", [])
+    for i, token in enumerate(eos):
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            f.fail(f"eos_token_ids[{i}]", f"must be a token id in [0, {vocab_size}), got {token!r}"[:200])
+    out["eos_token_ids"] = list(eos)
+    return out
+
+
+def read_generation(folder: Path, vocab_size: int) -> dict:
+    path = Path(folder) / GENERATION_FILE
+    return check_generation(read_json(path), str(path), vocab_size)

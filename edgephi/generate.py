@@ -55,10 +55,10 @@ def check_max_new_tokens(n) -> int:
     return n
 
 
-def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_tokens: int,
+def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams, max_new_tokens: int,
                  stop: tuple[str, ...] = (), ignore_eos: bool = False, context_ids: list[int] | None = None,
                  stats: GenerationStats | None = None) -> Iterator[int]:
-    """Feed new_ids into the model's cache, then sample up to max_new_tokens ids.
+    """Feed new_ids into `sequence` (one of model's), then sample up to max_new_tokens ids.
 
     context_ids: every id already in the context before new_ids (for the repetition penalty).
     The token that ends the turn is not yielded and not fed; a token completing a stop string is.
@@ -72,7 +72,7 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
     tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopMatcher(stop) if stop else None
     started = time.perf_counter()
-    logits = model.feed(new_ids)[0, :n_vocab]
+    logits = sequence.feed(new_ids)[0, :n_vocab]
     stats.fed = list(new_ids)
     stats.prefill_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -94,7 +94,7 @@ def token_stream(model, new_ids: list[int], *, params: SamplingParams, max_new_t
             if len(generated) < max_new_tokens:
                 if params.repetition_penalty != 1.0:
                     history = np.append(history, token)
-                logits = model.step(token)[0, :n_vocab]
+                logits = sequence.step(token)[0, :n_vocab]
                 stats.fed.append(token)
     finally:
         stats.finish_reason = stats.finish_reason or "length"

@@ -190,12 +190,26 @@ def _matvec_float(fmt, s, f, x, out):
         out[n] = acc
 
 
+@njit(cache=True)
+def count_nonfinite(x):
+    """NaNs and Infs in a C-contiguous float32 array, read as bits: an integer reduction that
+    vectorises without fastmath (which would assume there are none)."""
+    bits = x.reshape(-1).view(np.uint32)
+    n = 0
+    for i in range(bits.shape[0]):
+        n += (bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    return n
+
+
 @njit(cache=CACHE_PARALLEL)
 def linear(w, x, out, scratch):
-    """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32.
+    """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32; returns how many
+    values of x are NaN or Inf. The kernels below are fastmath, which assumes there are none and
+    may turn them into zeros: a model whose activations overflow would answer garbage, not fail.
     scratch: activation_scratch(>= T, >= K), where quantized weights read x as int16 per block."""
     fmt, qs, s, m, f = w
     T = x.shape[0]
+    nonfinite = count_nonfinite(x)
     if fmt == Q4_0 or fmt == Q4_1 or fmt == Q8_0:
         xq, xb, xd, xs = scratch
         if T == 1:
@@ -207,6 +221,7 @@ def linear(w, x, out, scratch):
         _matmul(fmt, qs, s, m, f, x, out)
     else:
         _matvec_float(fmt, s, f, x[0], out[0])
+    return nonfinite
 
 
 @njit(cache=True)
@@ -244,6 +259,8 @@ def rmsnorm(x, weight, eps, out):
         for k in range(D):
             ss += x[t, k] * x[t, k]
         scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(D) + np.float32(eps)))
+        if ss == np.inf:  # activations past 1e19: the norm would quietly give zeros, so poison it
+            scale = np.float32(np.nan)
         for k in range(D):
             out[t, k] = weight[k] * (x[t, k] * scale)
 
@@ -412,3 +429,4 @@ def add_into(x, y):
     for t in range(x.shape[0]):
         for k in range(x.shape[1]):
             x[t, k] += y[t, k]
+

@@ -10,6 +10,7 @@ import numpy as np
 from .format import ModelConfig
 
 DEFAULT_SINKS = 4
+KV_DTYPES = ("float16", "float32")
 
 
 def lazy_zeros(shape, dtype) -> np.ndarray:
@@ -34,7 +35,7 @@ class KVCache:
         self.capacity = capacity
         self.sinks = min(sinks, capacity - 1)
         width = cfg.num_kv_heads * cfg.head_dim
-        if dtype not in ("float16", "float32"):
+        if dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be float16 or float32, got {dtype!r}")
         # (L, C, Hk * Dh): float16 travels as uint16 bits (numba cannot load float16)
         self.k = lazy_zeros((cfg.num_layers, capacity, width), np.uint16 if dtype == "float16" else np.float32)
@@ -55,7 +56,6 @@ class KVCache:
         self.next_pos = 0  # absolute position of the next token
         self.keep = self.sinks  # positions [0, keep) are never overwritten
         self.long_rope = False  # which LongRoPE factors the cached keys were rotated with
-        self.owner = None  # the chat session whose conversation the cache holds, if any
 
     def keep_prefix(self, n: int) -> None:
         """Pin the first n positions (a chat's system prompt) so the ring never overwrites them."""
@@ -97,10 +97,13 @@ class KVCache:
         return positions, slots
 
     def truncate(self, n: int) -> bool:
-        """Forget positions >= n. False (and nothing changed) when the ring already overwrote
-        some position < n, so the first n tokens are no longer all cached."""
+        """Forget positions >= n. False (and nothing changed) when that cannot be done: n is past
+        the end, or the ring has wrapped and positions >= n are not all its newest (or n would cut
+        into the kept prefix). After a wrapped ring is cut back, the next tokens see a shorter
+        window until it refills: the positions the cut ones overwrote are gone. That is how a
+        chat turn re-renders its last reply without re-feeding the whole conversation."""
         wrapped = self.next_pos > self.capacity
-        if n > self.next_pos or (wrapped and n > self.keep):
+        if n > self.next_pos or (wrapped and (n < self.keep or self.next_pos - n > self.capacity - self.keep)):
             return False
         self.slot_pos[self.slot_pos >= n] = -1
         self.next_pos = n

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .api import LanguageModel, read_generation_config
+from .api import LanguageModel
 from .errors import EdgephiError, ModelFormatError
+from .files import Fields, read_json
+from .format import GENERATION_FILE
 
 MODEL_FILE = "model.onnx"  # the layout convert/onnx_export.py writes
 EDGEPHI_SUBFOLDER = "edgephi"  # the source's config, tokenizer and generation settings
 
 
 class OnnxDecoder:
-    """An onnxruntime session over the exported decoder and the KV arrays it returns."""
+    """An onnxruntime session over the exported decoder. It holds no conversation: the KV arrays
+    travel in and out of run(), so one decoder serves many sequences (onnxruntime's run() may be
+    called from several threads at once)."""
 
     def __init__(self, folder, *, threads: int | None = None):
         import onnxruntime as ort
@@ -24,49 +27,39 @@ class OnnxDecoder:
         path = folder / MODEL_FILE
         if not path.is_file():
             raise ModelFormatError(f"{folder}: not an exported ONNX model (no {MODEL_FILE})")
-        try:
-            decoder = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelFormatError(f"{folder / 'genai_config.json'}: unreadable ({exc})") from None
+        genai = Fields(read_json(folder / "genai_config.json"), str(folder / "genai_config.json"))
+        decoder = genai.object("model").object("decoder")
+        self.layers = decoder.integer("num_hidden_layers", low=1)
+        self.kv_heads = decoder.integer("num_key_value_heads", low=1)
+        self.head_size = decoder.integer("head_size", low=1)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.layers = decoder["num_hidden_layers"]
-        self.kv_heads = decoder["num_key_value_heads"]
-        self.head_size = decoder["head_size"]
-        self.reset()
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime reports a corrupt graph with its own exception types
+            raise ModelFormatError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
 
-    def reset(self) -> None:
+    def empty_past(self) -> list:
         empty = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
-        self.past = [(empty, empty) for _ in range(self.layers)]
+        return [(empty, empty) for _ in range(self.layers)]
 
-    @property
-    def length(self) -> int:
-        return self.past[0][0].shape[2]
-
-    def truncate(self, n: int) -> None:
-        self.past = [(k[:, :, :n], v[:, :, :n]) for k, v in self.past]
-
-    def feed(self, tokens) -> np.ndarray:
-        """Append tokens; returns their logits (len(tokens), V)."""
+    def run(self, tokens, past: list) -> tuple[np.ndarray, list]:
+        """Logits (len(tokens), V) of tokens appended after `past`, and the new past."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
-        start = self.length
+        start = past[0][0].shape[2]
         total = start + ids.shape[1]
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
                  "position_ids": np.arange(start, total, dtype=np.int64).reshape(1, -1)}
-        for i, (k, v) in enumerate(self.past):
+        for i, (k, v) in enumerate(past):
             feeds[f"past_key_values.{i}.key"] = k
             feeds[f"past_key_values.{i}.value"] = v
         outputs = self.session.run(None, feeds)
-        self.past = [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.layers)]
-        return outputs[0][0]
+        return outputs[0][0], [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.layers)]
 
     def logits(self, ids) -> np.ndarray:
         """Logits of `ids` in a fresh context."""
-        self.reset()
-        return self.feed(list(ids))
-
+        return self.run(list(ids), self.empty_past())[0]
 
 
 def is_onnx_folder(folder) -> bool:
@@ -74,73 +67,73 @@ def is_onnx_folder(folder) -> bool:
     return (folder / MODEL_FILE).is_file() and (folder / EDGEPHI_SUBFOLDER).is_dir()
 
 
-class OnnxCache:
-    """The exported decoder's KV arrays seen through the cache interface the chat session uses.
-    No ring: a conversation longer than the context is an error (the numba backend wraps)."""
+class OnnxSequence:
+    """One token sequence on the exported decoder: its KV arrays. No ring: a conversation longer
+    than the context is an error (the numba backend wraps)."""
 
-    def __init__(self, decoder: OnnxDecoder, capacity: int):
-        self.decoder = decoder
+    def __init__(self, model: "OnnxModel", capacity: int):
+        self.model = model
         self.capacity = capacity
-        self.owner = None
+        self.reset()
 
     @property
     def next_pos(self) -> int:
-        return self.decoder.length
+        return self.past[0][0].shape[2]
 
     def reset(self) -> None:
-        self.decoder.reset()
-        self.owner = None
+        self.past = self.model.decoder.empty_past()
 
     def truncate(self, n: int) -> bool:
         if n > self.next_pos:
             return False
-        self.decoder.truncate(n)
+        self.past = [(k[:, :, :n], v[:, :, :n]) for k, v in self.past]
         return True
 
     def keep_prefix(self, n: int) -> None:
         """Nothing to pin: without a ring no position is ever overwritten."""
 
-
-class OnnxModel(LanguageModel):
-    """An exported ONNX folder run by onnxruntime, with the generation and chat API of edgephi.load."""
-
-    def __init__(self, folder, *, threads: int | None = None, context: int | None = None):
-        from .format import read_config
-        from .tokenizer import Tokenizer
-
-        self.folder = Path(folder)
-        if not is_onnx_folder(self.folder):
-            raise ModelFormatError(f"{self.folder}: not an ONNX folder written by `edgephi export-onnx`")
-        own = self.folder / EDGEPHI_SUBFOLDER
-        self.config = read_config(own)
-        self.tokenizer = Tokenizer.from_folder(own)
-        self.generation_config = read_generation_config(own)
-        self.decoder = OnnxDecoder(self.folder, threads=threads)
-        context = context or self.config.max_position_embeddings
-        if not isinstance(context, int) or context < 2:
-            raise ValueError(f"context must be an integer >= 2, got {context!r}")
-        self.cache = OnnxCache(self.decoder, context)
-        self.backend = "onnxruntime"
-
     def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
+        vocab = self.model.config.vocab_size
         if tokens.ndim != 1 or len(tokens) == 0:
             raise ValueError("tokens must be a non-empty list of token ids")
-        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        if self.cache.next_pos + len(tokens) > self.cache.capacity:
-            raise EdgephiError(f"context full ({self.cache.capacity} tokens): the onnxruntime backend does not "
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if self.next_pos + len(tokens) > self.capacity:
+            raise EdgephiError(f"context full ({self.capacity} tokens): the onnxruntime backend does not "
                                f"wrap its cache; start a new conversation or raise --context")
-        logits = self.decoder.feed(tokens)
+        logits, self.past = self.model.decoder.run(tokens, self.past)
+        if not np.isfinite(logits[-1]).all():
+            raise ModelFormatError(f"{self.model.folder}: the model computed non-finite logits (NaN or Inf)")
         return logits if all_logits else logits[-1:]
 
     def step(self, token: int) -> np.ndarray:
         return self.feed([token])
 
+
+class OnnxModel(LanguageModel):
+    """An exported ONNX folder run by onnxruntime, with the generation and chat API of edgephi.load."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, folder, *, threads: int | None = None, context: int | None = None):
+        from .model_folder import read_model_folder
+
+        self.folder = Path(folder)
+        if not is_onnx_folder(self.folder):
+            raise ModelFormatError(f"{self.folder}: not an ONNX folder written by `edgephi export-onnx`")
+        files = read_model_folder(self.folder / EDGEPHI_SUBFOLDER)
+        self.config, self.tokenizer, self.generation_config = files.config, files.tokenizer, files.generation
+        self.generation_file = files.path / GENERATION_FILE
+        self.decoder = OnnxDecoder(self.folder, threads=threads)
+        context = context or self.config.max_position_embeddings
+        if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+            raise ValueError(f"context must be an integer >= 2, got {context!r}")
+        self.context = context
+
+    def sequence(self, context: int | None = None) -> OnnxSequence:
+        return OnnxSequence(self, context or self.context)
+
     def logits(self, ids) -> np.ndarray:
-        """float32 (len(ids), V) logits of `ids` in a fresh context (the conversation's cache is kept)."""
-        kept = self.decoder.past
-        try:
-            return self.decoder.logits(list(ids))
-        finally:
-            self.decoder.past = kept
+        """float32 (len(ids), V) logits of `ids` in a fresh context."""
+        return self.decoder.logits(ids)

@@ -6,24 +6,25 @@ from pathlib import Path
 
 import tiktoken
 
+from .errors import ModelFormatError
+from .format import TOKENIZER_SPEC_FILE
 from .tokenizer_files import TokenizerSpec
 
 
 class Tokenizer:
-    def __init__(self, spec: TokenizerSpec):
+    def __init__(self, spec: TokenizerSpec, where: str = "tokenizer"):
         self.name = spec.name
         self.n_vocab = spec.n_vocab
         self.special_tokens = dict(spec.special_tokens)
         self._has_unknown_bytes = max(spec.ranks.values()) >= spec.n_vocab
-        self._enc = tiktoken.Encoding(name=spec.name, pat_str=spec.pat_str, mergeable_ranks=spec.ranks,
-                                      special_tokens=spec.special_tokens)
+        self._enc = _encoding(spec, where)
         # The Encoding keeps the ranks dict only to pickle itself, which we never do; its Rust core
         # has its own copy. The dict is 6 MB for SmolLM2's 49k tokens, 34 MB for o200k's 200k.
         vars(self._enc).pop("_mergeable_ranks", None)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
-        return cls(TokenizerSpec.load(Path(folder)))
+        return cls(TokenizerSpec.load(Path(folder)), str(Path(folder) / TOKENIZER_SPEC_FILE))
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Ids of `text`. Special-token text such as "<|im_end|>" stays ordinary text unless
@@ -37,8 +38,34 @@ class Tokenizer:
         return ids
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        return self._enc.decode_bytes(ids)
+        """The bytes of `ids`; an id the vocabulary has no token for (a hole some vocabularies
+        leave below n_vocab) decodes to nothing rather than failing mid-reply."""
+        try:
+            return self._enc.decode_bytes(ids)
+        except (KeyError, ValueError, OverflowError):
+            return b"".join(self._enc.decode_single_token_bytes(i) for i in ids if self._has_token(i))
+
+    def _has_token(self, token: int) -> bool:
+        try:
+            self._enc.decode_single_token_bytes(token)
+        except (KeyError, ValueError, OverflowError):
+            return False
+        return True
 
     def decode(self, ids: list[int]) -> str:
-        return self._enc.decode(ids, errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _encoding(spec: TokenizerSpec, where: str) -> tiktoken.Encoding:
+    """tiktoken's Encoding; its Rust core reports some bad input by panicking, which surfaces as
+    pyo3's PanicException, a BaseException that `except Exception` would miss."""
+    try:
+        return tiktoken.Encoding(name=spec.name, pat_str=spec.pat_str, mergeable_ranks=spec.ranks,
+                                 special_tokens=spec.special_tokens)
+    except Exception as exc:
+        raise ModelFormatError(f"{where}: tiktoken cannot build this tokenizer ({str(exc)[:200]})") from None
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ModelFormatError(f"{where}: tiktoken cannot build this tokenizer ({str(exc)[:200]})") from None
 

@@ -12,7 +12,7 @@ from . import jit_cache  # noqa: F401  (numba's cache folder)
 
 from .errors import ModelFormatError
 from .format import WEIGHTS_FILE, ModelConfig, expected_shape
-from .quant import FORMATS, QuantFormat, plane_key, plane_layout
+from .quant import FORMATS, QuantFormat, check_finite, plane_key, plane_layout
 from .safetensors_io import SafetensorsFile
 
 
@@ -78,14 +78,29 @@ def read_planes(st: SafetensorsFile, cfg: ModelConfig, name: str) -> tuple[Quant
     return fmt, planes
 
 
+def expected_keys(cfg: ModelConfig) -> set[str]:
+    """Every safetensors key the model's recipe implies."""
+    return {plane_key(name, plane) for name in cfg.tensor_names()
+            for plane in plane_layout(FORMATS[cfg.tensors[name]["format"]], tuple(cfg.tensors[name]["shape"]))}
+
+
 def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
     path = Path(folder) / WEIGHTS_FILE
-    if not path.is_file():
+    if not path.exists():
         raise ModelFormatError(f"{path}: missing")
     st = SafetensorsFile(path)
+    extra = sorted(set(st.header) - expected_keys(cfg))
+    if extra:
+        raise ModelFormatError(f"{path}: holds tensors config.json does not describe ({', '.join(extra[:3])}); "
+                               f"its num_layers ({cfg.num_layers}) or tied output may have been edited")
+
+    def checked_planes(name):
+        fmt, planes = read_planes(st, cfg, name)
+        check_finite(path, name, planes)
+        return fmt, planes
 
     def matrix(name):
-        fmt, planes = read_planes(st, cfg, name)
+        fmt, planes = checked_planes(name)
         if fmt.name == "f32":
             return (fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, _readonly(planes[""]))
         if fmt.name == "f16":
@@ -95,7 +110,7 @@ def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
                 EMPTY_F32)
 
     def vector(name):
-        fmt, planes = read_planes(st, cfg, name)
+        fmt, planes = checked_planes(name)
         if fmt.name != "f32":
             raise ModelFormatError(f"{path}: tensor {name!r} is {fmt.name}, not f32")
         return _readonly(planes[""])

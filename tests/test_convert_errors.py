@@ -313,7 +313,7 @@ CONFIG_CASES = {
     "dynamic-rope-scaling": (lambda c: c.update(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                  "rope_theta": 10000.0}),
                              "rope scaling 'dynamic' is not supported"),
-    "heads-do-not-divide": (lambda c: c.update(num_key_value_heads=3), "inconsistent heads"),
+    "heads-do-not-divide": (lambda c: c.update(num_key_value_heads=3), "multiple of num_kv_heads"),
 }
 
 

@@ -46,9 +46,9 @@ def test_prefill_plus_decode_equals_full_sequence(float_models, variant):
     model, _ = float_models(variant)
     ids = random_ids(40, seed=1)
     full = model.logits(ids)
-    model.cache.reset()
-    steps = [model.feed(ids[:25], all_logits=True)]
-    steps += [model.feed([t]).copy() for t in ids[25:]]  # feed() returns a reused buffer
+    sequence = model.sequence()
+    steps = [sequence.feed(ids[:25], all_logits=True)]
+    steps += [sequence.feed([t]).copy() for t in ids[25:]]  # feed() returns a reused buffer
     np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
@@ -61,11 +61,12 @@ def test_prefill_in_scratch_bounded_chunks_matches_transformers(float_models, va
     model, ref = float_models(variant)
     monkeypatch.setattr(edgephi.model, "PREFILL_SCRATCH_BYTES", 1)
     monkeypatch.setattr(edgephi.model, "MIN_PREFILL_CHUNK", 16)
-    assert model._chunk_workspace(model.cache, True).T == 16
+    assert edgephi.model.prefill_chunk_tokens(model.config) == 16
+    monkeypatch.setattr(model, "prefill_chunk", 16)
     ids = random_ids(48, seed=3)
-    model.cache.reset()
-    last = model.feed(ids).copy()
-    assert model.cache.next_pos == 48
+    sequence = model.sequence()
+    last = sequence.feed(ids).copy()
+    assert sequence.next_pos == 48
     assert rel_err(model.logits(ids), hf_logits(ref, ids)) < 1e-4
     assert rel_err(last, hf_logits(ref, ids)[-1:]) < 1e-4
 
@@ -75,13 +76,13 @@ def test_longrope_decode_across_the_switch_matches_transformers(float_models):
     full-sequence logits, which use the long factors for every position once past the switch."""
     model, ref = float_models("phi3_longrope")
     ids = random_ids(44, seed=2)
-    model.cache.reset()
-    model.feed(ids[:28])
+    sequence = model.sequence()
+    sequence.feed(ids[:28])
     for n in range(29, 45):
-        ours = model.feed([ids[n - 1]])[0]
+        ours = sequence.feed([ids[n - 1]])[0]
         expected = hf_logits(ref, ids[:n])[-1]
         assert rel_err(ours, expected) < 1e-4, n
-    assert model.cache.long_rope
+    assert sequence.cache.long_rope
 
 
 @pytest.mark.parametrize("quant,ggml", [("q8_0", T.Q8_0), ("q4_0", T.Q4_0), ("q4_1", T.Q4_1)])

@@ -335,7 +335,7 @@ def test_chat_session_feeds_only_the_new_turn(model, hf, generation):
     assert ids2[:len(ids1)] == ids1  # the reference's own precondition
     assert session.last_stats.prompt_tokens == len(ids2) - len(ids1)
     assert session.last_stats.fed == ids2[len(ids1):]
-    assert model.cache.next_pos == len(ids2)
+    assert session.sequence.next_pos == len(ids2)
 
 
 def _two_turns(model, hf, generation, u1, u2, **options):
@@ -347,7 +347,7 @@ def _two_turns(model, hf, generation, u1, u2, **options):
     assert st1.prompt_tokens == len(ids1) and st1.fed[:len(ids1)] == ids1
     # the cache holds the prompt and every generated token except a final one that was never fed
     cached = ids1 + (st1.tokens if st1.finish_reason == "stop" else st1.tokens[:-1])
-    assert model.cache.next_pos == len(cached)
+    assert session.sequence.next_pos == len(cached)
     reply2 = session(u2)
     ids2 = hf_ids(hf, render(generation, [{"role": "user", "content": u1},
                                           {"role": "assistant", "content": reply1},
@@ -432,9 +432,11 @@ def test_chat_session_survives_generate_in_between(model, hf, generation):
     session("Once upon a time")
     model.generate("something else entirely", max_new_tokens=2)
     session("and then?")
-    tokens, positions, _ = model.cache.cached_tokens()
+    tokens, positions, _ = session.sequence.cache.cached_tokens()
     want = _conversation_ids(hf, generation, "Once upon a time", "and then?")
-    assert model.cache.next_pos == len(want)
+    turn1 = _conversation_ids(hf, generation, "Once upon a time")
+    assert session.last_stats.prompt_tokens == len(want) - len(turn1)  # nothing re-fed after generate()
+    assert session.sequence.next_pos == len(want)
     assert tokens.tolist() == want
 
 
@@ -444,5 +446,11 @@ def test_two_chat_sessions_on_one_model(model, hf, generation):
     a("first conversation")
     b("second one")
     a("more of the first")
-    tokens, _, _ = model.cache.cached_tokens()
-    assert tokens.tolist() == _conversation_ids(hf, generation, "first conversation", "more of the first")
+    b("more of the second")
+    for session, users in ((a, ("first conversation", "more of the first")),
+                           (b, ("second one", "more of the second"))):
+        tokens, _, _ = session.sequence.cache.cached_tokens()
+        want = _conversation_ids(hf, generation, *users)
+        assert tokens.tolist() == want
+        turn2 = len(want) - len(_conversation_ids(hf, generation, users[0]))
+        assert session.last_stats.prompt_tokens == turn2  # switching sessions re-feeds nothing

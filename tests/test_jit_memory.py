@@ -137,8 +137,9 @@ def test_load_compiles_the_signature_every_step_calls(model_dir, monkeypatch, kv
 
     monkeypatch.setattr(edgephi.model, "forward", Recorder())
     model = edgephi.load(model_dir, context=64, kv_dtype=kv_dtype)
-    model.feed([1, 2, 3, 4, 5])
-    model.step(6)
+    sequence = model.sequence()
+    sequence.feed([1, 2, 3, 4, 5])
+    sequence.step(6)
     model.logits([7, 8, 9])  # all_logits, in a cache of its own
     assert len(compiled) == 1 and len(called) == 3
     assert all(sig == compiled[0] for sig in called)
@@ -149,7 +150,7 @@ import json, sys
 import numpy as np
 import edgephi
 model = edgephi.load(sys.argv[1], context=32)
-model.feed([1, 2, 3])
+model.sequence().feed([1, 2, 3])
 hidden = "scipy.linalg" in sys.modules
 import scipy.linalg  # the app can still import it
 from numba import njit

@@ -6,6 +6,8 @@ import pytest
 
 import edgephi
 from convert import convert
+from edgephi.generate import token_stream
+from edgephi.sampling import SamplingParams
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,19 +23,21 @@ def tiny(checkpoint_factory, tmp_path_factory):
 
 def test_two_thousand_tokens_through_a_128_slot_ring_in_flat_memory(tiny):
     model = edgephi.load(tiny[1], context=128)
-    cache_bytes = model.cache.nbytes
-    tokens = model.generate_tokens([5, 6, 7], max_new_tokens=2000, ignore_eos=True, temperature=0.9, seed=0)
+    sequence = model.sequence()
+    cache_bytes = sequence.cache.nbytes
+    tokens = token_stream(model, sequence, [5, 6, 7], params=SamplingParams(temperature=0.9, seed=0),
+                          max_new_tokens=2000, ignore_eos=True)
     rss = []
     for i, _ in enumerate(tokens):
         if i % 250 == 0:
             rss.append(_rss_mib())
     assert i == 1999
-    assert model.cache.next_pos == 2002  # 3 prompt tokens + 1999 fed (the last sampled is not fed)
-    assert model.cache.nbytes == cache_bytes
+    assert sequence.next_pos == 2002  # 3 prompt tokens + 1999 fed (the last sampled is not fed)
+    assert sequence.cache.nbytes == cache_bytes
     # the resident set grows by less than 20 MB after warm-up (the current one: this process's
     # peak, with torch loaded, is far above anything a tiny model adds)
     assert max(rss[1:]) - rss[1] < 20
-    assert set(model.cache.slot_pos[:4]) == {0, 1, 2, 3}  # attention sinks are never overwritten
+    assert set(sequence.cache.slot_pos[:4]) == {0, 1, 2, 3}  # attention sinks are never overwritten
 
 
 def test_ring_attention_equals_masked_attention_in_transformers(tiny):
@@ -43,7 +47,8 @@ def test_ring_attention_equals_masked_attention_in_transformers(tiny):
     C, sinks, n = 24, 4, 40
     model = edgephi.load(out, context=C, kv_dtype="float32")
     ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, n)]
-    ours = np.concatenate([model.feed([t]).copy() for t in ids])
+    sequence = model.sequence()
+    ours = np.concatenate([sequence.feed([t]).copy() for t in ids])
     ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
     q = torch.arange(n)[:, None]
     k = torch.arange(n)[None, :]
@@ -60,8 +65,28 @@ def test_chat_keeps_the_system_prompt_when_the_ring_wraps(tiny):
     system_ids = session.template.encode(session.messages[:1], add_generation_prompt=False)
     for turn in range(6):
         session(f"turn {turn}")
-    assert model.cache.next_pos > 3 * 64
-    tokens, positions, _ = model.cache.cached_tokens()
+    assert session.sequence.next_pos > 3 * 64
+    tokens, positions, _ = session.sequence.cache.cached_tokens()
+    assert list(tokens[:len(system_ids)]) == system_ids
+    assert list(positions[:len(system_ids)]) == list(range(len(system_ids)))
+
+
+def test_ten_thousand_token_chat_in_a_256_slot_ring_keeps_memory_flat(tiny):
+    """#12: a long chat costs constant memory (within 5 MB once warm) and keeps its system prompt."""
+    model = edgephi.load(tiny[1], context=256)
+    session = model.chat_session(system="You are a patient storyteller.", max_new_tokens=200, ignore_eos=True,
+                                 temperature=0.8, seed=1)
+    system_ids = session.template.encode(session.messages[:1], add_generation_prompt=False)
+    rss, generated, turn = [], 0, 0
+    while generated < 10_000:
+        session(f"go on ({turn})")
+        generated += session.last_stats.generated_tokens
+        turn += 1
+        rss.append(_rss_mib())
+    assert session.sequence.next_pos > 10_000
+    warm = rss[2]  # after two turns the ring has wrapped and every buffer exists
+    assert max(rss[2:]) - warm < 5, rss
+    tokens, positions, _ = session.sequence.cache.cached_tokens()
     assert list(tokens[:len(system_ids)]) == system_ids
     assert list(positions[:len(system_ids)]) == list(range(len(system_ids)))
 

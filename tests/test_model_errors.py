@@ -7,7 +7,7 @@ import pytest
 
 import edgephi
 from convert import convert
-from edgephi.chat import ChatTemplate
+from edgephi.chat_template import ChatTemplate
 from edgephi.errors import EdgephiError, ModelFormatError
 
 
@@ -33,7 +33,7 @@ def test_chat_templates_get_transformers_loop_controls_and_clear_errors(model_di
     messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     first_only = "{% for m in messages %}{{ m['content'] }}{% break %}{% endfor %}"
     template = ChatTemplate(first_only, model.tokenizer, model.generation_config)
-    assert template.render(messages, False)[0] == "a"
+    assert template.render(messages, False) == "a"
     with pytest.raises(EdgephiError, match="chat template"):
         ChatTemplate("{% for m in messages %}", model.tokenizer, model.generation_config)
     failing = ChatTemplate("{{ raise_exception('only user and assistant roles') }}", model.tokenizer,

@@ -64,11 +64,11 @@ def test_float_export_matches_transformers_with_and_without_cache(exported, vari
     # with the cache: a prompt, then single tokens and a short chunk, at several positions
     short = ids[:30] if variant == "phi3_longrope" else ids  # see the LongRoPE test below
     expected = hf_logits(ref, short)
-    decoder.reset()
-    got = [decoder.feed(short[:12])]
-    for t in short[12:18]:
-        got.append(decoder.feed([t]))
-    got.append(decoder.feed(short[18:]))
+    past = decoder.empty_past()
+    got = []
+    for part in [short[:12], *([t] for t in short[12:18]), short[18:]]:
+        logits, past = decoder.run(part, past)
+        got.append(logits)
     assert rel_err(np.concatenate(got), expected) < 1e-4
 
 
@@ -80,9 +80,12 @@ def test_longrope_cache_crossing_the_original_context(exported):
     decoder = OnnxDecoder(folder)
     ids = random_ids(40, seed=8)
     expected = hf_logits(ref, ids)
-    decoder.reset()
-    decoder.feed(ids[:30])
-    stale = np.stack([decoder.feed([t])[0] for t in ids[30:]])
+    _, past = decoder.run(ids[:30], decoder.empty_past())
+    stale = []
+    for t in ids[30:]:
+        logits, past = decoder.run([t], past)
+        stale.append(logits[0])
+    stale = np.stack(stale)
     assert rel_err(stale, expected[30:]) > 1e-3  # the documented difference is real
     assert rel_err(decoder.logits(ids)[30:], expected[30:]) < 1e-4
 
@@ -263,6 +266,27 @@ def test_onnxruntime_backend_api_and_bench(smollm2_onnx):
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["backend"] == "onnxruntime" and figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0
+
+
+def test_onnxruntime_backend_sessions_keep_their_own_context(smollm2_onnx):
+    """Interleaved chat streams on one onnxruntime model: each reply equals its conversation run alone."""
+    _, folder, _ = smollm2_onnx
+    model = edgephi.load(folder)
+    conversations = [["What is the capital of France?", "And of Germany?"], ["Name a prime number.", "And the next?"]]
+    alone = []
+    for turns in conversations:
+        session = model.chat_session(max_new_tokens=16)
+        alone.append([session(t) for t in turns])
+    sessions = [model.chat_session(max_new_tokens=16) for _ in conversations]
+    mixed = [[], []]
+    for turn in range(2):
+        streams = [s.send(c[turn]) for s, c in zip(sessions, conversations)]
+        pieces = [list(p) for p in zip(*streams)]  # one piece of each in turn, up to the shorter reply
+        texts = ["".join(p[i] for p in pieces) + "".join(stream) for i, stream in enumerate(streams)]
+        for i, text in enumerate(texts):
+            mixed[i].append(text)
+    assert mixed == alone
+    assert "Paris" in alone[0][0]
 
 
 @pytest.mark.parametrize("variant", ["phi3_gqa_partial", "phi3_sliding", "phi3_longrope"])
