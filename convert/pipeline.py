@@ -134,7 +134,7 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
                            f"{config.vocab_size} rows")
     # what the runtime will check at every load, checked before anything is written
     config.check(str(src)).check_recipe(str(src))
-    tokenizer.check(f"{src} (tokenizer)")
+    tokenizer.check(str(src / "tokenizer.json" if src.is_dir() else src))
     generation = fmt_.check_generation(_generation(source, tokenizer, preset_info), f"{src} (generation settings)",
                                        config.vocab_size)
 

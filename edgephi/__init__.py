@@ -21,6 +21,9 @@ def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None):
         from .onnx_backend import OnnxModel
 
         return OnnxModel(path, threads=threads, context=context)
+    from .model_folder import read_model_folder
+
+    files = read_model_folder(path)  # checked before numba is even imported: a bad folder fails fast
     from .model import Model
 
-    return Model(path, threads=threads, context=context, kv_dtype=kv_dtype)
+    return Model(files, threads=threads, context=context, kv_dtype=kv_dtype)

@@ -22,7 +22,7 @@ from .format import GENERATION_FILE, WEIGHTS_FILE, ModelConfig
 from .forward import ATTENTION_TOKENS, Workspace, forward
 from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
 from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache
-from .model_folder import read_model_folder
+from .model_folder import ModelFolder, read_model_folder
 from .weights import load_weights
 
 DEFAULT_KV_BUDGET = 512 << 20  # default context is capped so the KV cache fits in 512 MiB
@@ -66,9 +66,9 @@ def check_context(context, what: str = "context") -> int:
 class Model(LanguageModel):
     backend = "numba"
 
-    def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None,
+    def __init__(self, folder: str | Path | ModelFolder, *, threads: int | None = None, context: int | None = None,
                  kv_dtype: str = "float16"):
-        files = read_model_folder(folder)
+        files = folder if isinstance(folder, ModelFolder) else read_model_folder(folder)
         self.folder, self.config, self.tokenizer = files.path, files.config, files.tokenizer
         self.generation_config, self.generation_file = files.generation, files.path / GENERATION_FILE
         self.threads = check_threads(threads) or numba.config.NUMBA_NUM_THREADS  # default: every core

@@ -330,6 +330,18 @@ def _first_vocab_id(value):
     return change
 
 
+def _added_token_id(value):
+    def change(tok):
+        tok["added_tokens"][0]["id"] = value
+    return change
+
+
+def _two_tokens_one_id(tok):
+    vocab = tok["model"]["vocab"]
+    first, second = list(vocab)[300:302]
+    vocab[second] = vocab[first]
+
+
 JSON_CASES = {
     # config.json
     "config-a-string": ("config.json", '"hello"', ["expected a JSON object"]),
@@ -374,6 +386,10 @@ JSON_CASES = {
     "tokenizer-vocab-id-float": ("tokenizer.json", _first_vocab_id(1.5), ["vocab[", "token id"]),
     "tokenizer-added_tokens-malformed": ("tokenizer.json", _set("added_tokens", [{"content": 5, "id": "x"}]),
                                          ["added_tokens[0].content"]),
+    # tokenizers that converted before and then failed at every load
+    "tokenizer-added-token-id-negative": ("tokenizer.json", _added_token_id(-5), ["added_tokens[0]", "-5"]),
+    "tokenizer-two-tokens-one-id": ("tokenizer.json", _two_tokens_one_id, ["share", "id"]),
+    "tokenizer-added-token-on-a-vocab-id": ("tokenizer.json", _added_token_id(300), ["300"]),
     "tokenizer-added_tokens-object": ("tokenizer.json", _set("added_tokens", {}), ["added_tokens", "JSON array"]),
     "tokenizer-pre_tokenizer-string": ("tokenizer.json", _set("pre_tokenizer", "ByteLevel"),
                                        ["pre_tokenizer must be a JSON object"]),
