@@ -32,6 +32,8 @@ GENERATION_FILE = "generation.json"
 
 ARCHITECTURES = ("phi3", "llama")
 MAX_SIZE = 1 << 31  # any dimension or count; products of two stay far inside int64
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_NORM_EPS = 1.0  # far above any model's (1e-5, 1e-6); an eps near float32's range zeroes every norm
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,10 @@ class ModelConfig:
             fail(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             fail(f"rotary_dim must be even and at most head_dim ({self.head_dim}), got {self.rotary_dim}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0 or (name == "rope_theta" and value == 0):
-                fail(f"{name} must be a finite number {'> 0' if name == 'rope_theta' else '>= 0'}, got {value!r}")
+        if not _is_number(self.rms_norm_eps) or not 0 <= self.rms_norm_eps <= MAX_NORM_EPS:
+            fail(f"rms_norm_eps must be a number in [0, {MAX_NORM_EPS:g}], got {self.rms_norm_eps!r}")
+        if not _is_number(self.rope_theta) or self.rope_theta <= 0:
+            fail(f"rope_theta must be a finite number > 0, got {self.rope_theta!r}")
         window = self.sliding_window
         if window is not None and (not _is_int(window) or not 1 <= window <= MAX_SIZE):
             fail(f"sliding_window must be null or an integer in [1, {MAX_SIZE}], got {window!r}")
@@ -195,7 +197,9 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number that stays finite as float32, the type the kernels compute in."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= FLOAT32_MAX)
 
 
 def read_config(folder: Path) -> ModelConfig:

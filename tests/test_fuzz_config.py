@@ -1,6 +1,6 @@
 """A seeded fuzzer over a model folder's config.json and the context size: whatever the values,
-loading and generating either works or gives an EdgephiError/ValueError, and the kernels never
-touch memory outside their arrays (#12: "kernels must be unable to write out of bounds given any
+loading and generating either works or gives an EdgephiError/ValueError, no value overflows
+float32 on its way to the kernels, and the kernels never touch memory outside their arrays (#12: "kernels must be unable to write out of bounds given any
 config that passes").
 
 The loop runs in a child process under an address-space limit, so a crash, a hang or a runaway
@@ -112,7 +112,8 @@ def base_model(checkpoint_factory, tmp_path_factory) -> Path:
 
 def test_fuzzed_configs_load_and_run_or_are_refused(base_model, tmp_path):
     log = tmp_path / "last-case.json"
-    done = subprocess.run([sys.executable, "-c", CHILD, str(base_model), str(tmp_path / "work"), str(log), str(SEED),
+    # a RuntimeWarning (a value overflowing float32 on its way to the kernels) counts as a finding
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", CHILD, str(base_model), str(tmp_path / "work"), str(log), str(SEED),
                            str(ITERATIONS)], capture_output=True, text=True, timeout=60 + 5 * ITERATIONS,
                           preexec_fn=_limit_memory)
     last = log.read_text() if log.exists() else "(none)"
