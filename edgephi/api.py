@@ -20,8 +20,26 @@ from .generate import GenerationStats, check_max_new_tokens, check_stop, text_st
 from .sampling import SamplingParams
 
 
+def check_context(context, what: str = "context") -> int:
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+        raise ValueError(f"{what} must be an integer >= 2, got {context!r}")
+    return context
+
+
+def check_threads(threads) -> int | None:
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    return threads
+
+
 class LanguageModel:
     """What edgephi.load returns, on either backend (see the module docstring for what a backend adds)."""
+
+    def kv_bytes(self, context: int | None = None) -> int:
+        """Bytes of one sequence's KV cache when full (the numba backend maps pages only as tokens
+        fill them): context x layers x 2 (K, V) x kv heads x head dim x bytes per value."""
+        per_value = 2 if self.kv_dtype == "float16" else 4
+        return (self.context if context is None else context) * self.config.kv_bytes_per_token // 2 * per_value
 
     def prompt_ids(self, prompt, special_tokens: bool = False) -> list[int]:
         """Token ids of a prompt (text or ids), with BOS when the model wants one. An empty prompt

@@ -4,6 +4,7 @@ its own tokens and sessions sharing a model never see each other's context."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from typing import Iterator
 
 from .errors import EdgephiError
@@ -44,10 +45,14 @@ class ChatSession:
         self.last_stats: GenerationStats | None = None
         self._answering = threading.Lock()  # one turn at a time
         self.sequence = model.sequence(context)
-        self.reset(system)
+        self._reset(system)
 
     def reset(self, system: str | None = None) -> None:
         """Forget the conversation (keeping the system prompt unless a new one is given)."""
+        with self._between_turns():
+            self._reset(system)
+
+    def _reset(self, system: str | None) -> None:
         if system is not None:
             self.system = system
         elif not hasattr(self, "system"):
@@ -59,7 +64,19 @@ class ChatSession:
 
     def close(self) -> None:
         """Free the KV cache; the session cannot be used afterwards."""
-        self.sequence = None
+        with self._between_turns():
+            self.sequence = None
+
+    @contextmanager
+    def _between_turns(self):
+        """Holds the turn lock: a reply still streaming would write into what changes here."""
+        if not self._answering.acquire(blocking=False):
+            raise EdgephiError("this chat session is answering (in another thread, or a reply not yet read to "
+                               "the end); finish or close that reply first")
+        try:
+            yield
+        finally:
+            self._answering.release()
 
     def __enter__(self):
         return self
@@ -77,13 +94,8 @@ class ChatSession:
 
     def _turn(self, text: str) -> Iterator[str]:
         """The turn runs as the reply is consumed: a send() never iterated changes nothing."""
-        if not self._answering.acquire(blocking=False):
-            raise EdgephiError("this chat session is already answering (in another thread, or a reply not "
-                               "yet read to the end); finish or close that reply first")
-        try:
+        with self._between_turns():
             yield from self._answer(text)
-        finally:
-            self._answering.release()
 
     def _answer(self, text: str) -> Iterator[str]:
         messages = self.messages + [{"role": "user", "content": text}]
@@ -95,9 +107,10 @@ class ChatSession:
             if a != b:
                 break
             common += 1
-        # the template may re-render earlier turns differently (say, dropping a reasoning part):
-        # keep what still matches, unless the ring has already overwritten part of it
-        if common < len(self._fed) and not sequence.truncate(common):
+        # the template may re-render earlier turns differently (say, dropping a reasoning part),
+        # and an interrupted reply can leave a token in the cache that _fed lacks: keep what
+        # still matches, unless the ring has already overwritten what precedes it
+        if common < sequence.next_pos and not sequence.truncate(common):
             common = 0
         if common == 0:
             sequence.reset()

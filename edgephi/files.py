@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import ModelFormatError
 
+MAX_NUMBER = 1e300  # beyond this a JSON number is no model setting; also keeps float(value) finite
 MAX_JSON_BYTES = 256 << 20  # o200k's tokenizer.json is about 27 MB; nothing we read is near this
 
 
@@ -30,15 +31,6 @@ def open_regular(path: str | Path) -> int:
         os.close(fd)
         raise ModelFormatError(f"{path}: not a regular file")
     return fd
-
-
-def check_regular(path: str | Path) -> int:
-    """The size of `path`, refusing anything but a regular file (a FIFO, a device, a folder)."""
-    fd = open_regular(path)
-    try:
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
 
 
 def read_bytes(path: str | Path, limit: int) -> bytes:
@@ -64,6 +56,14 @@ def read_text(path: str | Path, limit: int = MAX_JSON_BYTES) -> str:
         return read_bytes(path, limit).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ModelFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) of finite value; a JSON integer may be far beyond float range,
+    where math.isfinite raises OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _no_constants(name: str):
@@ -138,8 +138,8 @@ class Fields:
 
     def number(self, key: str, default=MISSING, *, positive: bool = False, nonnegative: bool = False) -> float:
         value = self._get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            self.fail(key, f"must be a finite number, got {value!r}"[:200])
+        if not is_finite_number(value) or abs(value) > MAX_NUMBER:
+            self.fail(key, f"must be a finite number, got {brief(value)}")
         if positive and value <= 0 or nonnegative and value < 0:
             self.fail(key, f"must be {'> 0' if positive else '>= 0'}, got {value}")
         return float(value)
@@ -176,7 +176,7 @@ class Fields:
         """An array of finite numbers."""
         values = self.array(key)
         for i, v in enumerate(values):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+            if not is_finite_number(v) or abs(v) > MAX_NUMBER or (positive and v <= 0):
                 self.fail(f"{key}[{i}]", f"must be a finite{' positive' if positive else ''} number, got {v!r}"[:200])
         return tuple(float(v) for v in values)
 

@@ -14,12 +14,11 @@ A model folder holds:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFormatError
-from .files import Fields, read_json
+from .files import Fields, is_finite_number, read_json
 
 FORMAT_NAME = "edgephi"
 FORMAT_VERSION = 1
@@ -198,8 +197,7 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     """A finite number that stays finite as float32, the type the kernels compute in."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and abs(value) <= FLOAT32_MAX)
+    return is_finite_number(value) and abs(value) <= FLOAT32_MAX
 
 
 def read_config(folder: Path) -> ModelConfig:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import codecs
 import time
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from .sampling import SamplingParams, sample
-from .stops import StopFilter, StopMatcher
+from .stops import StopMatcher, cut_at_stops
 
 
 @dataclass
@@ -105,13 +106,6 @@ def text_stream(tokenizer, ids: Iterable[int], stop: tuple[str, ...] = ()) -> It
     """Text pieces of a token stream: never a partial UTF-8 character, never any part of a stop
     string (the text ends just before the first stop string)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    held = StopFilter(stop)  # text that might begin a stop string waits here
-    for token in ids:
-        ready = held.push(decoder.decode(tokenizer.decode_bytes([token])))
-        if ready:
-            yield ready
-        if held.stopped:
-            return
-    ready = held.push(decoder.decode(b"", final=True)) + held.flush()
-    if ready:
-        yield ready
+    pieces = chain((decoder.decode(tokenizer.decode_bytes([token])) for token in ids),
+                   (decoder.decode(b"", final=True) for _ in range(1)))  # a character left incomplete
+    yield from cut_at_stops(pieces, stop)

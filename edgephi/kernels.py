@@ -429,4 +429,3 @@ def add_into(x, y):
     for t in range(x.shape[0]):
         for k in range(x.shape[1]):
             x[t, k] += y[t, k]
-

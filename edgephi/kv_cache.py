@@ -55,13 +55,14 @@ class KVCache:
         self.slot_token[:] = -1
         self.next_pos = 0  # absolute position of the next token
         self.keep = self.sinks  # positions [0, keep) are never overwritten
+        self.lost_below = 0  # positions in [keep, lost_below) were overwritten by the ring
         self.long_rope = False  # which LongRoPE factors the cached keys were rotated with
 
     def keep_prefix(self, n: int) -> None:
         """Pin the first n positions (a chat's system prompt) so the ring never overwrites them."""
         if n >= self.capacity:
             raise ValueError(f"a kept prefix of {n} tokens does not fit a context of {self.capacity}")
-        if self.next_pos > self.capacity:
+        if self.next_pos > self.capacity or self.lost_below > self.keep:
             raise ValueError("the kept prefix must be set before the cache wraps around")
         self.keep = max(self.sinks, n)
 
@@ -88,25 +89,34 @@ class KVCache:
             self._one_pos[0], self._one_slot[0] = pos, slot
             self.slot_pos[slot], self.slot_token[slot] = pos, tokens[0]
             self.next_pos += 1
+            self._note_overwritten()
             return self._one_pos, self._one_slot
         positions = np.arange(self.next_pos, self.next_pos + len(tokens), dtype=np.int64)
         slots = self.slot_of(positions).astype(np.int64)
         self.slot_pos[slots] = positions
         self.slot_token[slots] = tokens
         self.next_pos += len(tokens)
+        self._note_overwritten()
         return positions, slots
 
+    def _note_overwritten(self) -> None:
+        oldest_held = self.next_pos - (self.capacity - self.keep)  # the ring holds its last positions
+        if oldest_held > self.lost_below:
+            self.lost_below = oldest_held
+
     def truncate(self, n: int) -> bool:
-        """Forget positions >= n. False (and nothing changed) when that cannot be done: n is past
-        the end, or the ring has wrapped and positions >= n are not all its newest (or n would cut
-        into the kept prefix). After a wrapped ring is cut back, the next tokens see a shorter
-        window until it refills: the positions the cut ones overwrote are gone. That is how a
-        chat turn re-renders its last reply without re-feeding the whole conversation."""
-        wrapped = self.next_pos > self.capacity
-        if n > self.next_pos or (wrapped and (n < self.keep or self.next_pos - n > self.capacity - self.keep)):
+        """Forget positions >= n. False (and nothing changed) when n is past the end, or when the
+        ring has overwritten every position between the kept prefix and n (keep < n <=
+        lost_below). Cutting back into a wrapped ring otherwise leaves the next tokens a shorter
+        window until it refills (the positions the cut ones overwrote are gone); that is how a
+        chat turn re-renders its last reply without re-feeding the whole conversation. Cutting to
+        n <= keep leaves exactly the first n."""
+        if n > self.next_pos or self.keep < n <= self.lost_below:
             return False
         self.slot_pos[self.slot_pos >= n] = -1
         self.next_pos = n
+        if n <= self.keep:
+            self.lost_below = 0
         return True
 
     def cached_tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from .api import LanguageModel
+from .api import LanguageModel, check_context, check_threads
 from .errors import EdgephiError, ModelFormatError
 from .format import GENERATION_FILE, WEIGHTS_FILE, ModelConfig
 from .forward import ATTENTION_TOKENS, Workspace, forward
@@ -51,18 +51,6 @@ def prefill_chunk_tokens(cfg: ModelConfig) -> int:
     return min(PREFILL_CHUNK, max(MIN_PREFILL_CHUNK, by_scratch - by_scratch % ATTENTION_TOKENS))
 
 
-def check_threads(threads) -> int | None:
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    return None if threads is None else min(threads, numba.config.NUMBA_NUM_THREADS)
-
-
-def check_context(context, what: str = "context") -> int:
-    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
-        raise ValueError(f"{what} must be an integer >= 2, got {context!r}")
-    return context
-
-
 class Model(LanguageModel):
     backend = "numba"
 
@@ -71,7 +59,8 @@ class Model(LanguageModel):
         files = folder if isinstance(folder, ModelFolder) else read_model_folder(folder)
         self.folder, self.config, self.tokenizer = files.path, files.config, files.tokenizer
         self.generation_config, self.generation_file = files.generation, files.path / GENERATION_FILE
-        self.threads = check_threads(threads) or numba.config.NUMBA_NUM_THREADS  # default: every core
+        self.threads = min(check_threads(threads) or numba.config.NUMBA_NUM_THREADS,  # default: every core
+                           numba.config.NUMBA_NUM_THREADS)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.kv_dtype = kv_dtype
@@ -97,17 +86,14 @@ class Model(LanguageModel):
 
     def sequence(self, context: int | None = None, *, sinks: int = DEFAULT_SINKS) -> "Sequence":
         """A new token sequence with a KV ring of its own (`context` slots, default the model's)."""
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+            raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
         return Sequence(self, self.context if context is None else check_context(context), sinks)
 
     def logits(self, ids) -> np.ndarray:
         """float32 (len(ids), V) logits of `ids` in a fresh context."""
         ids = list(ids)
         return self.sequence(max(2, len(ids) + 1), sinks=0).feed(ids, all_logits=True)
-
-    def kv_bytes(self, context: int | None = None) -> int:
-        """Bytes of one sequence's KV ring when full (its pages are mapped only as tokens fill it)."""
-        per_value = 2 if self.kv_dtype == "float16" else 4
-        return (self.context if context is None else context) * self.config.kv_bytes_per_token // 2 * per_value
 
     # -- stepping (Sequence calls these) ---------------------------------------------------------
 
@@ -123,13 +109,11 @@ class Model(LanguageModel):
         release_compiler_pages()
 
     def _workspace(self, tokens: int, capacity: int) -> Workspace:
-        """Scratch for steps of up to `tokens` tokens over a ring of `capacity` slots (under the lock)."""
+        """Scratch for steps of up to `tokens` tokens over a ring of `capacity` slots; a larger
+        ring (a session or logits() beyond the model's context) replaces it for good."""
         ws = self._workspaces.get(tokens)
-        if ws is not None and ws.scores.shape[1] >= capacity:
-            return ws
-        ws = Workspace(self.config, tokens, max(capacity, self.context))
-        if capacity <= self.context:  # a one-off larger ring (logits() of a long text) is not kept
-            self._workspaces[tokens] = ws
+        if ws is None or ws.scores.shape[1] < capacity:
+            ws = self._workspaces[tokens] = Workspace(self.config, tokens, max(capacity, self.context))
         return ws
 
     def _forward_args(self, cache: KVCache, tokens, positions, slots, ws: Workspace, logits, all_logits: bool):
@@ -143,12 +127,17 @@ class Model(LanguageModel):
     def _run(self, cache: KVCache, tokens: np.ndarray, logits: np.ndarray, all_logits: bool) -> None:
         """One forward step of len(tokens) <= prefill_chunk new tokens into `cache`, writing the
         logits of every token (all_logits) or of the last one into `logits`."""
-        with KERNEL_LOCK:
-            if numba.get_num_threads() != self.threads:  # numba keeps the count per calling thread
+        with KERNEL_LOCK:  # which also guards the shared scratch
+            app_threads = numba.get_num_threads()  # numba keeps the count per calling thread
+            if app_threads != self.threads:
                 numba.set_num_threads(self.threads)
-            positions, slots = cache.append(tokens)
-            ws = self._workspace(1 if len(tokens) == 1 else self.prefill_chunk, cache.capacity)
-            nonfinite = forward(*self._forward_args(cache, tokens, positions, slots, ws, logits, all_logits))
+            try:
+                positions, slots = cache.append(tokens)
+                ws = self._workspace(1 if len(tokens) == 1 else self.prefill_chunk, cache.capacity)
+                nonfinite = forward(*self._forward_args(cache, tokens, positions, slots, ws, logits, all_logits))
+            finally:
+                if app_threads != self.threads:  # the calling app's own numba code keeps its count
+                    numba.set_num_threads(app_threads)
         if nonfinite:
             raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: the model computed {nonfinite} non-finite "
                                    f"values (NaN or Inf) at position {int(positions[-1])}: its weights hold "
@@ -173,11 +162,6 @@ class Sequence:
     @property
     def next_pos(self) -> int:
         return self.cache.next_pos
-
-    @property
-    def nbytes(self) -> int:
-        """What this sequence holds at most: its KV ring full, slot tables and logits row."""
-        return self.cache.nbytes + self.cache.slot_pos.nbytes * 2 + self._logits.nbytes
 
     def reset(self) -> None:
         self.cache.reset()

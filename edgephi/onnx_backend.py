@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import LanguageModel
+from .api import LanguageModel, check_context, check_threads
 from .errors import EdgephiError, ModelFormatError
-from .files import Fields, read_json
 from .format import GENERATION_FILE
 
 MODEL_FILE = "model.onnx"  # the layout convert/onnx_export.py writes
@@ -24,21 +23,23 @@ class OnnxDecoder:
         import onnxruntime as ort
 
         folder = Path(folder)
-        path = folder / MODEL_FILE
+        self.path = path = folder / MODEL_FILE
         if not path.is_file():
             raise ModelFormatError(f"{folder}: not an exported ONNX model (no {MODEL_FILE})")
-        genai = Fields(read_json(folder / "genai_config.json"), str(folder / "genai_config.json"))
-        decoder = genai.object("model").object("decoder")
-        self.layers = decoder.integer("num_hidden_layers", low=1)
-        self.kv_heads = decoder.integer("num_key_value_heads", low=1)
-        self.head_size = decoder.integer("head_size", low=1)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime reports a corrupt graph with its own exception types
-            raise ModelFormatError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+            raise ModelFormatError(f"{path}: onnxruntime cannot load it ({_first_line(exc)})") from None
+        # the cache's geometry as the graph declares it: [batch, kv heads, length, head dim]
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        shapes = {tuple(i.shape[1::2]) for i in past}
+        if not past or len(past) % 2 or len(shapes) != 1 or not all(isinstance(d, int) for d in next(iter(shapes))):
+            raise ModelFormatError(f"{path}: not a decoder with past_key_values inputs of one fixed shape")
+        self.layers = len(past) // 2
+        self.kv_heads, self.head_size = next(iter(shapes))
 
     def empty_past(self) -> list:
         empty = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
@@ -54,12 +55,19 @@ class OnnxDecoder:
         for i, (k, v) in enumerate(past):
             feeds[f"past_key_values.{i}.key"] = k
             feeds[f"past_key_values.{i}.value"] = v
-        outputs = self.session.run(None, feeds)
+        try:
+            outputs = self.session.run(None, feeds)
+        except Exception as exc:  # a graph whose shapes disagree with its own declared inputs
+            raise ModelFormatError(f"{self.path}: onnxruntime failed to run it ({_first_line(exc)})") from None
         return outputs[0][0], [(outputs[1 + 2 * i], outputs[2 + 2 * i]) for i in range(self.layers)]
 
     def logits(self, ids) -> np.ndarray:
         """Logits of `ids` in a fresh context."""
         return self.run(list(ids), self.empty_past())[0]
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def is_onnx_folder(folder) -> bool:
@@ -93,12 +101,7 @@ class OnnxSequence:
         """Nothing to pin: without a ring no position is ever overwritten."""
 
     def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=np.int64)
-        vocab = self.model.config.vocab_size
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise ValueError("tokens must be a non-empty list of token ids")
-        if tokens.min() < 0 or tokens.max() >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab})")
+        tokens = self.model.check_tokens(tokens)
         if self.next_pos + len(tokens) > self.capacity:
             raise EdgephiError(f"context full ({self.capacity} tokens): the onnxruntime backend does not "
                                f"wrap its cache; start a new conversation or raise --context")
@@ -115,6 +118,7 @@ class OnnxModel(LanguageModel):
     """An exported ONNX folder run by onnxruntime, with the generation and chat API of edgephi.load."""
 
     backend = "onnxruntime"
+    kv_dtype = "float32"  # the graph's past_key_values
 
     def __init__(self, folder, *, threads: int | None = None, context: int | None = None):
         from .model_folder import read_model_folder
@@ -125,15 +129,26 @@ class OnnxModel(LanguageModel):
         files = read_model_folder(self.folder / EDGEPHI_SUBFOLDER)
         self.config, self.tokenizer, self.generation_config = files.config, files.tokenizer, files.generation
         self.generation_file = files.path / GENERATION_FILE
-        self.decoder = OnnxDecoder(self.folder, threads=threads)
-        context = context or self.config.max_position_embeddings
-        if not isinstance(context, int) or isinstance(context, bool) or context < 2:
-            raise ValueError(f"context must be an integer >= 2, got {context!r}")
-        self.context = context
+        self.decoder = OnnxDecoder(self.folder, threads=check_threads(threads))
+        cfg = self.config
+        if (self.decoder.layers, self.decoder.kv_heads, self.decoder.head_size) != (
+                cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
+            raise ModelFormatError(f"{self.decoder.path}: its cache has {self.decoder.layers} layers of "
+                                   f"{self.decoder.kv_heads} x {self.decoder.head_size}, but {files.path}/config.json "
+                                   f"says {cfg.num_layers} of {cfg.num_kv_heads} x {cfg.head_dim}")
+        self.context = check_context(cfg.max_position_embeddings if context is None else context)
 
     def sequence(self, context: int | None = None) -> OnnxSequence:
-        return OnnxSequence(self, context or self.context)
+        return OnnxSequence(self, self.context if context is None else check_context(context))
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError("tokens must be a non-empty list of token ids")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return tokens
 
     def logits(self, ids) -> np.ndarray:
         """float32 (len(ids), V) logits of `ids` in a fresh context."""
-        return self.decoder.logits(ids)
+        return self.decoder.logits(self.check_tokens(list(ids)))

@@ -4,7 +4,9 @@ sees another's context. The reference is the sequential run on the real SmolLM2 
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import numba
 import pytest
@@ -102,10 +104,14 @@ def test_generate_between_chat_turns_changes_nothing(model):
 
 
 def test_models_keep_their_own_thread_counts(model, monkeypatch):
-    """Model(threads=...) no longer sets a process-wide count: each step runs with its model's."""
+    """Model(threads=...) no longer sets a process-wide count: each step runs with its model's,
+    and the calling thread's own count is left as it was."""
     import edgephi.model
 
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two cores to tell one thread count from another")
     one = edgephi.load(model.folder, threads=1, context=64)
+    two = edgephi.load(model.folder, threads=2, context=64)
     seen = []
     real = edgephi.model.forward
 
@@ -114,38 +120,94 @@ def test_models_keep_their_own_thread_counts(model, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(edgephi.model, "forward", recording)
+    app_count = numba.get_num_threads()
     one.generate("Hi", max_new_tokens=2, ignore_eos=True)
-    model.generate("Hi", max_new_tokens=2, ignore_eos=True)
+    two.generate("Hi", max_new_tokens=2, ignore_eos=True)
     run_in_threads([lambda: one.generate("Hi", max_new_tokens=2, ignore_eos=True)])
-    assert seen == [1, 1] + [model.threads] * 2 + [1, 1]
-    assert model.threads == numba.config.NUMBA_NUM_THREADS
+    assert seen == [1, 1, 2, 2, 1, 1]
+    assert numba.get_num_threads() == app_count
 
 
-def test_a_sequence_stepping_in_one_thread_refuses_a_second(model):
+def test_a_sequence_stepping_in_one_thread_refuses_a_second(model, monkeypatch):
+    import edgephi.model
+
+    inside, release = threading.Event(), threading.Event()
+    real = edgephi.model.forward
+
+    def held(*args):  # the first thread stays inside its step until the second has tried
+        inside.set()
+        release.wait(60)
+        return real(*args)
+
     sequence = model.sequence()
-    sequence._busy.acquire()  # as while another thread is inside feed()
+    monkeypatch.setattr(edgephi.model, "forward", held)
+    first = threading.Thread(target=sequence.feed, args=([1, 2, 3],))
+    first.start()
+    assert inside.wait(60)
     try:
         with pytest.raises(EdgephiError, match="already stepping in another thread"):
-            sequence.feed([1, 2, 3])
+            sequence.step(4)
     finally:
-        sequence._busy.release()
-    assert sequence.feed([1, 2, 3]).shape == (1, model.config.vocab_size)
+        release.set()
+        first.join(60)
+    monkeypatch.setattr(edgephi.model, "forward", real)
+    assert sequence.next_pos == 3  # the refused step changed nothing
+    assert sequence.step(4).shape == (1, model.config.vocab_size)
 
 
 def test_closed_session_is_refused_and_frees_its_cache(model):
     session = model.chat_session(max_new_tokens=4)
     session("Hello")
+    cache = weakref.ref(session.sequence.cache)
     session.close()
-    assert session.sequence is None
+    gc.collect()
+    assert cache() is None  # nothing else holds the KV arrays
     with pytest.raises(EdgephiError, match="closed"):
         session("Hello again")
+
+
+def test_an_interrupted_reply_leaves_the_next_turn_exact(model, monkeypatch):
+    """Ctrl-C lands inside a step, after the token entered the cache but before the session
+    recorded it: the next turn still equals the whole conversation fed to a fresh context."""
+    import edgephi.model
+
+    session = model.chat_session(max_new_tokens=24)
+    real, calls = edgephi.model.forward, []
+
+    def interrupted(*args):
+        result = real(*args)
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(edgephi.model, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        session("What is the capital of France?")
+    monkeypatch.setattr(edgephi.model, "forward", real)
+    reply = session("And of Germany?")
+    ids = session.template.encode(session.messages[:-1], add_generation_prompt=True)
+    assert reply == model.generate(ids, max_new_tokens=24)
+    tokens, _, _ = session.sequence.cache.cached_tokens()
+    assert tokens.tolist()[:len(ids)] == ids
+
+
+def test_reset_while_a_reply_streams_is_refused(model):
+    session = model.chat_session(max_new_tokens=8)
+    reply = session.send("Hello")
+    next(reply)
+    with pytest.raises(EdgephiError, match="is answering"):
+        session.reset()
+    "".join(reply)
+    session.reset()
+    assert session.messages == [] and session.sequence.next_pos == 0
 
 
 def test_a_session_answers_one_turn_at_a_time(model):
     session = model.chat_session(max_new_tokens=8)
     first = session.send("What is the capital of France?")
     next(first)  # the reply has started
-    with pytest.raises(EdgephiError, match="already answering"):
+    with pytest.raises(EdgephiError, match="is answering"):
         next(session.send("And of Germany?"))
     rest = "".join(first)
     assert session.messages[-1]["role"] == "assistant" and rest in session.messages[-1]["content"]

@@ -37,7 +37,7 @@ rng = random.Random(seed)
 INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
         "rotary_dim", "max_position_embeddings", "original_max_position_embeddings", "sliding_window")
 FLOATS = ("rms_norm_eps", "rope_theta")
-ODD = [0, 1, 2, 3, -1, -2**31, 2**31, 2**31 - 1, 2**63, 1.5, "8", None, True, [], {}, 1e308, -0.0]
+ODD = [0, 1, 2, 3, -1, -2**31, 2**31, 2**31 - 1, 2**63, 10**400, 1.5, "8", None, True, [], {}, 1e308, -0.0]
 
 
 def geometry():

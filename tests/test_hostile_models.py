@@ -234,6 +234,9 @@ CASES = {
         ["layers.1", "num_layers"], "generate"),
     "num-layers-more-than-the-file": (set_field(CONFIG, "num_layers", 3), ["3-layer"], "generate"),
     "negative-theta": (set_field(CONFIG, "rope_theta", -10000.0), ["rope_theta"], "generate"),
+    "theta-beyond-float-range": (set_field(CONFIG, "rope_theta", 10 ** 400), ["rope_theta"], "generate"),
+    "theta-beyond-float32": (set_field(CONFIG, "rope_theta", 1e300), ["rope_theta"], "generate"),
+    "eps-huge": (set_field(CONFIG, "rms_norm_eps", 1e30), ["rms_norm_eps"], "generate"),
     "kv-heads-not-dividing": (set_field(CONFIG, "num_kv_heads", 3), ["num_kv_heads"], "generate"),
     "zero-heads": (set_field(CONFIG, "num_heads", 0), ["num_heads"], "generate"),
     "head-dim-changed": (set_field(CONFIG, "head_dim", 32), ["shape"], "generate"),
@@ -338,4 +341,9 @@ def test_hostile_model_folder_gives_one_line(case, base_model, tmp_path):
         assert word.lower() in message.lower(), f"{word!r} not in: {message}"
     assert seconds < 30, f"{seconds:.1f} s"
     assert _snapshot(folder) == before
+
+
+def test_the_corpus_covers_every_file_of_a_model_folder():
     assert len(CASES) >= 60
+    damaged = {name.split("-")[0] for name in CASES}
+    assert {"config", "generation", "spec", "ranks", "weights", "template"} <= damaged

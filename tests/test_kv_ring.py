@@ -7,6 +7,7 @@ import pytest
 import edgephi
 from convert import convert
 from edgephi.generate import token_stream
+from edgephi.kv_cache import KVCache
 from edgephi.sampling import SamplingParams
 
 torch = pytest.importorskip("torch")
@@ -89,6 +90,34 @@ def test_ten_thousand_token_chat_in_a_256_slot_ring_keeps_memory_flat(tiny):
     tokens, positions, _ = session.sequence.cache.cached_tokens()
     assert list(tokens[:len(system_ids)]) == system_ids
     assert list(positions[:len(system_ids)]) == list(range(len(system_ids)))
+
+
+def _cache(capacity, sinks):
+    from edgephi.format import ModelConfig
+
+    cfg = ModelConfig("llama", 8, 32, 1, 1, 1, 32, 32, 1e-5, 1e4, 32, 64, 64)
+    return KVCache(cfg, capacity, sinks=sinks)
+
+
+def test_truncating_a_wrapped_ring():
+    """A ring of 10 slots with 2 sinks holds positions 0, 1 and the last 8. Cutting back keeps
+    the positions below the cut that are still held; a cut below every held ring position is
+    refused (the cache would jump from the sinks straight to it), a cut into the sinks is exact."""
+    cache = _cache(10, 2)
+    cache.append(np.arange(12))  # positions 0..11; 2 and 3 overwritten by 10 and 11
+    held = lambda: cache.cached_tokens()[1].tolist()  # noqa: E731
+    assert held() == [0, 1, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert cache.truncate(9)
+    assert held() == [0, 1, 4, 5, 6, 7, 8] and cache.next_pos == 9
+    assert not cache.truncate(3)  # position 2 is gone: nothing would lie between the sinks and 3
+    assert held() == [0, 1, 4, 5, 6, 7, 8]
+    cache.append(np.arange(9, 13))  # 9, 10, 11 take free slots; 12 overwrites position 4
+    assert held() == [0, 1, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert not cache.truncate(5)  # 2, 3 and 4 are gone
+    assert cache.truncate(6) and held() == [0, 1, 5]
+    assert cache.truncate(1) and held() == [0]
+    cache.append(np.arange(1, 5))
+    assert held() == [0, 1, 2, 3, 4]  # below the sinks the cut is exact: the ring starts afresh
 
 
 def _rss_mib():

@@ -3,6 +3,8 @@ onnxruntime running the graph, onnxruntime-genai loading the folder with its own
 Hugging Face `tokenizers` library reading the tokenizer.json we write."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -287,6 +289,52 @@ def test_onnxruntime_backend_sessions_keep_their_own_context(smollm2_onnx):
             mixed[i].append(text)
     assert mixed == alone
     assert "Paris" in alone[0][0]
+
+
+def _onnx_copy(src, dst):
+    """An ONNX folder copied by hard links (the 190 MB of weights are not copied); a file is
+    changed only by replacing it."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def _replace(path, data: bytes):
+    path.unlink()
+    path.write_bytes(data)
+
+
+def _other_models_files(folder, phi3_model):
+    for name in os.listdir(folder / "edgephi"):
+        _replace(folder / "edgephi" / name, (phi3_model / name).read_bytes())
+    return folder / "model.onnx"
+
+
+HOSTILE_ONNX = {  # name -> (damage(folder) -> the file the message must name, words it must say)
+    "graph-garbage": (lambda f, _: (_replace(f / "model.onnx", b"not a protobuf" * 100), f / "model.onnx")[1],
+                      ["onnxruntime cannot load it"]),
+    "graph-empty": (lambda f, _: (_replace(f / "model.onnx", b""), f / "model.onnx")[1], ["model.onnx"]),
+    "weights-truncated": (lambda f, _: (_replace(f / "model.onnx.data", b"\0" * 1000), f / "model.onnx")[1],
+                          ["onnxruntime"]),
+    "edgephi-files-of-another-model": (_other_models_files, ["config.json says"]),
+    "edgephi-config-list": (lambda f, _: (_replace(f / "edgephi" / "config.json", b"[]"),
+                                          f / "edgephi" / "config.json")[1], ["JSON object"]),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_ONNX)
+def test_hostile_onnx_folder_gives_one_line(case, smollm2_onnx, checkpoint_factory, tmp_path):
+    _, folder, _ = smollm2_onnx
+    phi3_model = tmp_path / "phi3"
+    convert(checkpoint_factory("phi3_basic"), phi3_model, quant="q8_0")
+    damage, says = HOSTILE_ONNX[case]
+    copy = _onnx_copy(folder, tmp_path / "onnx")
+    named = damage(copy, phi3_model)
+    done = run_cli("generate", "-m", str(copy), "--max-tokens", "2", "hello")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and str(named) in lines[0], done.stderr
+    for word in says:
+        assert word in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("variant", ["phi3_gqa_partial", "phi3_sliding", "phi3_longrope"])
