@@ -35,6 +35,15 @@ def check_threads(threads) -> int | None:
 class LanguageModel:
     """What edgephi.load returns, on either backend (see the module docstring for what a backend adds)."""
 
+    def check_tokens(self, tokens) -> np.ndarray:
+        """tokens as int64 (T,), refused unless every id lies inside the embedding."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError("tokens must be a non-empty list of token ids")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return tokens
+
     def kv_bytes(self, context: int | None = None) -> int:
         """Bytes of one sequence's KV cache when full (the numba backend maps pages only as tokens
         fill them): context x layers x 2 (K, V) x kv heads x head dim x bytes per value."""

@@ -175,11 +175,7 @@ class Sequence:
     def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
         """Append tokens; returns logits (len(tokens), V), or (1, V) of the last one. The (1, V)
         result is a buffer the next step reuses (no allocation per token): copy it to keep it."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise ValueError("tokens must be a non-empty list of token ids")
-        if tokens.min() < 0 or tokens.max() >= self.model.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.model.config.vocab_size})")
+        tokens = self.model.check_tokens(tokens)
         self._claim()
         try:
             self._switch_rope_if_needed(self.cache.next_pos + len(tokens) - 1)

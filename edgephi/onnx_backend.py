@@ -141,14 +141,6 @@ class OnnxModel(LanguageModel):
     def sequence(self, context: int | None = None) -> OnnxSequence:
         return OnnxSequence(self, self.context if context is None else check_context(context))
 
-    def check_tokens(self, tokens) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise ValueError("tokens must be a non-empty list of token ids")
-        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return tokens
-
     def logits(self, ids) -> np.ndarray:
         """float32 (len(ids), V) logits of `ids` in a fresh context."""
         return self.decoder.logits(self.check_tokens(list(ids)))
