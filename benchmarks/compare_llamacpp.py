@@ -91,7 +91,7 @@ def main() -> None:
     import llama_cpp
 
     import edgephi
-    from convert import convert
+    from edgephi.convert import convert
 
     with tempfile.TemporaryDirectory() as tmp:
         convert(args.gguf, Path(tmp) / "m", quant=None)

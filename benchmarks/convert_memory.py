@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgephi.safetensors_io import SafetensorsWriter  # noqa: E402
+from edgephi.convert.safetensors_writer import SafetensorsWriter  # noqa: E402
 from tests import fixtures  # noqa: E402
 
 SHAPES = {  # Hub config.json values (see ../shared/docs/phi-architecture.md)
@@ -100,7 +100,7 @@ def write_checkpoint(folder: Path, shape: str) -> None:
         fixtures.write_phi4_mini_tokenizer(folder)
 
 
-# `python -m convert ...` that writes its own peak RSS (MiB) to argv[1] at exit. Not
+# `python -m edgephi.convert ...` that writes its own peak RSS (MiB) to argv[1] at exit. Not
 # getrusage(RUSAGE_CHILDREN): Linux carries the parent's peak (here: writing the checkpoint) into
 # a child across exec, so the child's ru_maxrss can be this script's (edgephi/rss.py).
 CONVERT_REPORTING_PEAK = """
@@ -108,7 +108,7 @@ import runpy, sys
 from edgephi.rss import peak_rss_mib
 peak_file = sys.argv.pop(1)
 try:
-    runpy.run_module("convert", run_name="__main__", alter_sys=True)
+    runpy.run_module("edgephi.convert", run_name="__main__", alter_sys=True)
 finally:
     with open(peak_file, "w") as f:
         f.write(str(peak_rss_mib()))

@@ -1,4 +1,5 @@
-"""The edgephi converter: Hugging Face checkpoints and GGUF files -> edgephi model folders."""
+"""The edgephi converter (installed as edgephi.convert): Hugging Face checkpoints and GGUF files -> edgephi
+model folders. The runtime never imports it."""
 
 from .pipeline import convert
 

@@ -9,9 +9,10 @@ import numpy as np
 from edgephi.errors import EdgephiError
 from edgephi.files import Fields, brief, open_regular
 from edgephi.format import ModelConfig, RopeScaling
-from edgephi.quant import FORMAT_BY_GGML_TYPE, planes_from_gguf_blocks
+from edgephi.quant import FORMAT_BY_GGML_TYPE
 
 from .gguf_reader import MAGIC, GGUFFile
+from .quantize import planes_from_gguf_blocks
 from .tensors import Part, RowReader, Source
 from .tokenizers import spec_from_gguf
 
@@ -31,6 +32,8 @@ def unpermute_order(rows: int, heads: int) -> np.ndarray:
 
 
 class GGUFModel(Source):
+    NAMING = "gguf"
+
     def __init__(self, path):
         self.path = path
         self.file = GGUFFile(path)
@@ -127,32 +130,13 @@ class GGUFModel(Source):
 
     def tensors(self):
         c = self.config
-        D, F, Dh = c.hidden_size, c.intermediate_size, c.head_dim
-        q_rows, kv_rows = c.num_heads * Dh, c.num_kv_heads * Dh
-        yield self._matrix("embed", ["token_embd.weight"], [(c.vocab_size, D)])
-        for i in range(c.num_layers):
-            b, e = f"blk.{i}.", f"layers.{i}."
-            yield self._vector(e + "attn_norm", b + "attn_norm.weight")
-            if c.architecture == "phi3":
-                yield self._matrix(e + "qkv", [b + "attn_qkv.weight"], [(c.qkv_rows, D)])
-            else:
-                qkv = self._matrix(e + "qkv", [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
-                                   [(q_rows, D), (kv_rows, D), (kv_rows, D)])
+        for t in super().tensors():
+            if c.architecture == "llama" and t.name.endswith(".qkv"):
                 # row orders are built once the shapes are checked against the file, so that
                 # hostile metadata cannot make them huge
-                qkv.parts[0].order = unpermute_order(q_rows, c.num_heads)
-                qkv.parts[1].order = unpermute_order(kv_rows, c.num_kv_heads)
-                yield qkv
-            yield self._matrix(e + "o", [b + "attn_output.weight"], [(D, q_rows)])
-            yield self._vector(e + "ffn_norm", b + "ffn_norm.weight")
-            if c.architecture == "phi3":
-                yield self._matrix(e + "gate_up", [b + "ffn_up.weight"], [(2 * F, D)])
-            else:
-                yield self._matrix(e + "gate_up", [b + "ffn_gate.weight", b + "ffn_up.weight"], [(F, D), (F, D)])
-            yield self._matrix(e + "down", [b + "ffn_down.weight"], [(D, F)])
-        yield self._vector("norm", "output_norm.weight")
-        if not c.tie_word_embeddings:
-            yield self._matrix("output", ["output.weight"], [(c.vocab_size, D)])
+                t.parts[0].order = unpermute_order(t.parts[0].rows, c.num_heads)
+                t.parts[1].order = unpermute_order(t.parts[1].rows, c.num_kv_heads)
+            yield t
 
     def tokenizer(self):
         return spec_from_gguf(self.file, str(self.path))

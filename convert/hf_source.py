@@ -10,8 +10,8 @@ import numpy as np
 
 from edgephi.errors import EdgephiError
 from edgephi.files import Fields, brief, read_json, read_text
-from edgephi.format import ModelConfig, RopeScaling
-from edgephi.safetensors_io import DTYPES, SafetensorsFile, bf16_to_float32
+from edgephi.format import TENSOR_TABLE, ModelConfig, RopeScaling
+from edgephi.safetensors_io import DTYPES, SafetensorsFile
 
 from .tensors import Part, RowReader, Source
 from .tokenizers import spec_from_tokenizer_json
@@ -23,6 +23,10 @@ MAX_SIZE = 1 << 31  # far above any model's dimension, context or layer count; f
 MAX_TEMPLATE_BYTES = 4 << 20  # chat templates are a few kB
 MAX_NAME = 255  # characters in a shard's file name (a path inside the folder)
 
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32: widening is exact."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def _rope(c: Fields, where: str, head_dim: int, max_pos: int) -> tuple[float, int, int, RopeScaling | None]:
@@ -141,6 +145,8 @@ def open_shards(folder: Path) -> dict[str, SafetensorsFile]:
 
 
 class HFCheckpoint(Source):
+    NAMING = "hf"
+
     def __init__(self, folder: Path):
         self.folder = folder
         self.raw_config = read_json(folder / "config.json")  # also for bos/eos ids
@@ -170,31 +176,11 @@ class HFCheckpoint(Source):
         return Part(rows, cols, read)
 
     def tensors(self):
-        """Yields SourceTensors in file order: embed, each layer's tensors, norm, output."""
+        yield from super().tensors()
         c = self.config
-        D, F, Dh = c.hidden_size, c.intermediate_size, c.head_dim
-        yield self._matrix("embed", ["model.embed_tokens.weight"], [(c.vocab_size, D)])
-        for i in range(c.num_layers):
-            p, e = f"model.layers.{i}.", f"layers.{i}."
-            yield self._vector(e + "attn_norm", p + "input_layernorm.weight")
-            if c.architecture == "phi3":
-                yield self._matrix(e + "qkv", [p + "self_attn.qkv_proj.weight"], [(c.qkv_rows, D)])
-            else:
-                yield self._matrix(e + "qkv", [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
-                                   [(c.num_heads * Dh, D), (c.num_kv_heads * Dh, D), (c.num_kv_heads * Dh, D)])
-            yield self._matrix(e + "o", [p + "self_attn.o_proj.weight"], [(D, c.num_heads * Dh)])
-            yield self._vector(e + "ffn_norm", p + "post_attention_layernorm.weight")
-            if c.architecture == "phi3":
-                yield self._matrix(e + "gate_up", [p + "mlp.gate_up_proj.weight"], [(2 * F, D)])
-            else:
-                yield self._matrix(e + "gate_up", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-                                   [(F, D), (F, D)])
-            yield self._matrix(e + "down", [p + "mlp.down_proj.weight"], [(D, F)])
-        yield self._vector("norm", "model.norm.weight")
-        if not c.tie_word_embeddings:
-            yield self._matrix("output", ["lm_head.weight"], [(c.vocab_size, D)])
+        tied_output = TENSOR_TABLE["output"]["*"][0].hf  # checkpoints with tied embeddings may still hold it
         leftover = [n for n in self.files if n not in self._used and not n.endswith(IGNORED_SUFFIXES)
-                    and not (c.tie_word_embeddings and n == "lm_head.weight")]
+                    and not (c.tie_word_embeddings and n == tied_output)]
         if leftover:
             raise EdgephiError(f"{self.folder}: unexpected tensors the {c.architecture} architecture does "
                                f"not use: {', '.join(brief(n) for n in sorted(leftover)[:5])}")

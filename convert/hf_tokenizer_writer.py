@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgephi.tokenizer_files import TokenizerSpec
+from edgephi.tokenizer_files import TokenizerSpec, bytes_to_unicode
 
 from .tokenizers import DIGITS_THEN_GPT2_PATTERN, GPT2_PATTERN
 
@@ -30,19 +30,6 @@ def pre_tokenizer(pat_str: str) -> dict:
     return {"type": "Sequence", "pretokenizers": [
         *({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in splits),
         {**byte_level, "use_regex": False}]}
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from edgephi.errors import EdgephiError, ModelFormatError
+from edgephi.format import WEIGHTS_FILE, ModelConfig, expected_shape, layer_tensor, read_config, read_generation
 from edgephi.onnx_backend import EDGEPHI_SUBFOLDER, MODEL_FILE
-from edgephi.format import WEIGHTS_FILE, ModelConfig, read_config, read_generation
-from edgephi.quant import BLOCK, FORMATS, dequantize
+from edgephi.quant import BLOCK, FORMATS, dequantize, unpack_nibbles
+from edgephi.rope import inverse_frequencies
 from edgephi.safetensors_io import SafetensorsFile
 from edgephi.weights import read_planes
 
@@ -59,9 +60,7 @@ def open_model(folder: Path) -> ModelTensors:
 def matmulnbits_q4(qs: np.ndarray) -> np.ndarray:
     """ggml nibbles (byte j of a block: element j low, element j + 16 high) -> MatMulNBits' order
     (byte i: element 2i low, element 2i + 1 high); [N, K/2] -> [N, K/32, 16]."""
-    rows = qs.shape[0]
-    blocks = qs.reshape(rows, -1, 16)
-    values = np.concatenate([blocks & np.uint8(15), blocks >> np.uint8(4)], axis=2)  # [N, nb, 32] in order
+    values = unpack_nibbles(qs.reshape(qs.shape[0], -1, 16))  # [N, nb, 32] in order
     return (values[:, :, 0::2] | (values[:, :, 1::2] << np.uint8(4))).astype(np.uint8)
 
 
@@ -116,15 +115,13 @@ def rope_tables(g: Graph, cfg: ModelConfig, position_ids: str, total_length: str
     takes its long factors once the sequence (past + new) is longer than the original context,
     as transformers does for a whole sequence."""
     half = cfg.rotary_dim // 2
-    exponent = np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / np.float32(cfg.rotary_dim)
-    base = np.float32(cfg.rope_theta) ** exponent
     scaling = cfg.rope_scaling
     if scaling is None:
-        inv_freq = g.weight("rope.inv_freq", (np.float32(1.0) / base).astype(np.float32))
+        inv_freq = g.weight("rope.inv_freq", inverse_frequencies(cfg.rotary_dim, cfg.rope_theta))
         factor = np.float32(1.0)
     else:
-        short = (np.float32(1.0) / (np.asarray(scaling.short_factor, np.float32) * base)).astype(np.float32)
-        long = (np.float32(1.0) / (np.asarray(scaling.long_factor, np.float32) * base)).astype(np.float32)
+        short = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, scaling.short_factor)
+        long = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, scaling.long_factor)
         beyond = g.op("Greater", total_length, g.const(cfg.original_max_position_embeddings))
         inv_freq = g.op("Where", beyond, g.weight("rope.inv_freq_long", long), g.weight("rope.inv_freq_short", short))
         factor = np.float32(scaling.attention_factor)
@@ -237,8 +234,7 @@ def build_graph(model: ModelTensors, *, int8_compute: bool = True, data_path: Pa
 
 def _decoder(g: Graph, model: ModelTensors, int8_compute: bool) -> None:
     cfg = model.cfg
-    D, F, H, Hk, Dh, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                          cfg.num_layers)
+    D, F, Hk, Dh, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
     input_ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
     attention_mask = g.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
     position_ids = g.input("position_ids", INT64, ["batch_size", "sequence_length"])
@@ -255,17 +251,21 @@ def _decoder(g: Graph, model: ModelTensors, int8_compute: bool) -> None:
     x, embed = embedding(g, model, input_ids)
     presents = []
     for i in range(L):
-        def lin(kind, t, k_in, n_out):
-            fmt, planes = model.planes(f"layers.{i}.{kind}")
-            return linear(g, t, f"layers.{i}.{kind}", fmt, planes, k_in, n_out, int8_compute)
-        h = rms_norm(g, x, model.vector(f"layers.{i}.attn_norm"), cfg.rms_norm_eps, f"layers.{i}.attn_norm")
-        attn, present_k, present_v = attention(g, cfg, lin("qkv", h, D, cfg.qkv_rows), cos, sin, bias, *past[i], i)
+        def lin(kind, t, i=i):
+            name = layer_tensor(i, kind)
+            fmt, planes = model.planes(name)
+            out_features, in_features = expected_shape(cfg, name)
+            return linear(g, t, name, fmt, planes, in_features, out_features, int8_compute)
+
+        def norm(t, kind, i=i):
+            name = layer_tensor(i, kind)
+            return rms_norm(g, t, model.vector(name), cfg.rms_norm_eps, name)
+        attn, present_k, present_v = attention(g, cfg, lin("qkv", norm(x, "attn_norm")), cos, sin, bias, *past[i], i)
         presents.append((present_k, present_v))
-        x = g.op("Add", x, lin("o", attn, H * Dh, D))
-        h = rms_norm(g, x, model.vector(f"layers.{i}.ffn_norm"), cfg.rms_norm_eps, f"layers.{i}.ffn_norm")
-        gate, up = g.op("Split", lin("gate_up", h, D, 2 * F), g.const([F, F]), axis=2, outputs=2)
+        x = g.op("Add", x, lin("o", attn))
+        gate, up = g.op("Split", lin("gate_up", norm(x, "ffn_norm")), g.const([F, F]), axis=2, outputs=2)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        x = g.op("Add", x, lin("down", act, F, D))
+        x = g.op("Add", x, lin("down", act))
     h = rms_norm(g, x, model.vector("norm"), cfg.rms_norm_eps, "norm")
     if cfg.tie_word_embeddings:
         # the float embedding the Gather reads serves as the output layer too: exact, one copy

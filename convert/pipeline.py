@@ -11,15 +11,15 @@ from typing import Callable
 
 import numpy as np
 
-import models
 from edgephi import format as fmt_
+from edgephi import models
 from edgephi.errors import EdgephiError
-from edgephi.quant import (FORMATS, QuantFormat, can_quantize, check_finite, dequantize, plane_key, plane_layout,
-                           quantize)
-from edgephi.safetensors_io import SafetensorsWriter
+from edgephi.quant import FORMATS, QuantFormat, check_finite, dequantize, plane_key, plane_layout
 
 from .gguf_source import GGUFModel
 from .hf_source import HFCheckpoint
+from .quantize import can_quantize, quantize
+from .safetensors_writer import SafetensorsWriter
 from .staging import check_target, staged_folder
 from .tensors import SourceTensor
 
@@ -105,7 +105,7 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
             progress: Callable[[int, int, str], None] | None = None) -> Report:
     """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats
     (a Hugging Face checkpoint then gets the preset's recommended quant, else q4_0). preset: a name
-    from models/presets.json whose chat template and stop tokens go into generation.json."""
+    from edgephi.models (presets.json) whose chat template and stop tokens go into generation.json."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     for q in (quant, embed_quant):

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgephi.format import source_parts
 from edgephi.quant import QuantFormat, dequantize
 
 
@@ -60,10 +61,23 @@ class SourceTensor:
 
 
 class Source:
-    """What the HF and GGUF sources share: tensors assembled from parts that `_part` makes."""
+    """What the HF and GGUF sources share: tensors assembled from parts that `_part` makes, named
+    by edgephi.format's tensor table in the column `NAMING` ("hf" or "gguf")."""
+
+    NAMING = ""
 
     def _part(self, name: str, shape: tuple[int, ...], order=None) -> Part:
         raise NotImplementedError
+
+    def tensors(self):
+        """Yields SourceTensors in file order: embed, each layer's tensors, norm, output."""
+        for name in self.config.iter_tensor_names():
+            parts = source_parts(self.config, name)
+            origins = [hf if self.NAMING == "hf" else gguf for hf, gguf, _ in parts]
+            if len(parts[0][2]) == 1:
+                yield self._vector(name, origins[0])
+            else:
+                yield self._matrix(name, origins, [shape for _, _, shape in parts])
 
     def _matrix(self, name: str, origins: list[str], shapes, orders=None) -> SourceTensor:
         orders = orders or [None] * len(origins)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgephi.errors import EdgephiError
 from edgephi.files import Fields, brief, parse_json, read_text
-from edgephi.tokenizer_files import TokenizerSpec
+from edgephi.tokenizer_files import BYTE_DECODER, TokenizerSpec
 
 MAX_TOKEN_ID = (1 << 31) - 1  # tiktoken keeps ranks in 32 bits
 # Hugging Face ByteLevel(use_regex=True) and llama.cpp's "gpt-2" pre-tokenizer.
@@ -28,21 +28,6 @@ GGUF_PRE_PATTERNS = {
     **{name: DIGITS_THEN_GPT2_PATTERN
        for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")},
 }
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-ins for bytes: printable bytes map to themselves, the rest to 256+n."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    table = {chr(b): b for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + n)] = b
-            n += 1
-    return table
-
-
-BYTE_DECODER = _byte_decoder()
 
 
 def token_bytes(token: str, where: str) -> bytes:

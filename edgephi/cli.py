@@ -13,8 +13,12 @@ from pathlib import Path
 import click
 
 from .errors import EdgephiError, Terminated
+from .generate import DEFAULT_MAX_NEW_TOKENS
+from .quant import FORMATS
+from .sampling import SamplingParams
 
-QUANT_CHOICES = ["q4_0", "q4_1", "q8_0", "f16", "f32"]
+QUANT_CHOICES = tuple(FORMATS)
+SAMPLING = SamplingParams()  # the flags' defaults are the API's
 
 
 def user_errors(fn):
@@ -66,6 +70,16 @@ class ProgressBar:
             click.echo(line, err=True)
 
 
+def converter(module: str, missing: str = "the converter is not installed"):
+    """edgephi.convert.<module>, imported only by the commands that convert."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"edgephi.convert.{module}")
+    except ImportError as exc:
+        raise EdgephiError(f"{missing} ({exc})") from None
+
+
 def print_conversion_report(report) -> None:
     mb = report.bytes_on_disk / 1e6
     click.echo(f"wrote {report.out}: {report.parameters / 1e6:.1f}M parameters, {mb:.1f} MB on disk, "
@@ -83,13 +97,13 @@ def print_conversion_report(report) -> None:
               help="Format of the transformer's linear weights [default: q4_0; a GGUF keeps its own]")
 @click.option("--embed-quant", type=click.Choice(QUANT_CHOICES), default="q8_0", show_default=True,
               help="Format of the token embedding and output matrices")
-@click.option("--preset", default=None, help="A model family from models/presets.json: its chat template, "
+@click.option("--preset", default=None, help="A model family from presets.json (edgephi.models): its chat template, "
               "stop tokens and recommended quant")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists")
 @user_errors
 def convert(src, out, quant, embed_quant, preset, force):
     """Convert a Hugging Face checkpoint folder or a GGUF file SRC into the edgephi model folder OUT."""
-    from convert.pipeline import convert as run  # the runtime never needs the converter's modules
+    run = converter("pipeline").convert  # the runtime never needs the converter's modules
 
     report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, preset=preset,
                  progress=ProgressBar("converting"))
@@ -107,10 +121,7 @@ def convert(src, out, quant, embed_quant, preset, force):
 def export_onnx(model_path, out, force, no_check, exact_8bit):
     """Export the edgephi model folder MODEL as an ONNX folder OUT that onnxruntime and
     onnxruntime-genai run (quantized linears as MatMulNBits)."""
-    try:
-        from convert.onnx_export import export_onnx as run
-    except ImportError as exc:
-        raise EdgephiError(f"ONNX export needs the onnx extra: pip install 'edgephi[onnx]' ({exc})") from None
+    run = converter("onnx_export", "ONNX export needs the onnx extra: pip install 'edgephi[onnx]'").export_onnx
 
     report = run(model_path, out, force=force, check=not no_check, int8_compute=not exact_8bit)
     click.echo(f"wrote {report.out} in {report.seconds:.1f} s")
@@ -127,13 +138,18 @@ def sampling_options(fn):
         click.option("-m", "--model", "model_path", default=None,
                      help="An edgephi model folder, or an ONNX folder from export-onnx "
                      "[default: SmolLM2-135M-Instruct, fetched once]"),
-        click.option("--max-tokens", type=int, default=512, show_default=True, help="Most tokens per reply"),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 picks the likeliest token"),
-        click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k likeliest tokens (0: all)"),
-        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass"),
-        click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p x the top one"),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="Penalise repeated tokens"),
-        click.option("--seed", type=int, default=None, help="Seed for sampling"),
+        click.option("--max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+                     help="Most tokens per reply"),
+        click.option("--temperature", type=float, default=SAMPLING.temperature, show_default=True,
+                     help="0 picks the likeliest token"),
+        click.option("--top-k", type=int, default=SAMPLING.top_k, show_default=True,
+                     help="Keep the k likeliest tokens (0: all)"),
+        click.option("--top-p", type=float, default=SAMPLING.top_p, show_default=True, help="Nucleus sampling mass"),
+        click.option("--min-p", type=float, default=SAMPLING.min_p, show_default=True,
+                     help="Drop tokens below min-p x the top one"),
+        click.option("--repeat-penalty", type=float, default=SAMPLING.repetition_penalty, show_default=True,
+                     help="Penalise repeated tokens"),
+        click.option("--seed", type=int, default=SAMPLING.seed, help="Seed for sampling"),
         click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]"),
         click.option("--context", type=int, default=None, help="KV ring capacity in tokens"),
         click.option("--backend", type=click.Choice(["numba", "onnxruntime"]), default=None,
@@ -152,7 +168,7 @@ def sampling_kwargs(o: dict) -> dict:
 def model_folder(model_path) -> Path:
     """The folder given, or the default model's (fetched and converted into the cache once)."""
     if model_path is None:
-        from convert.default_model import ensure_default_model
+        from .default_model import ensure_default_model
 
         return ensure_default_model(lambda line: click.echo(line, err=True), ProgressBar("converting"))
     path = Path(model_path)
@@ -269,7 +285,7 @@ def info(model_path):
     from .format import read_config
 
     if model_path is None:
-        from convert.default_model import default_model_path
+        from .default_model import default_model_path
 
         model_path = default_model_path()
     path = Path(model_path)

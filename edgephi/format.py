@@ -111,9 +111,18 @@ class ModelConfig:
 
     def tensor_names(self) -> list[str]:
         """Every tensor of the model, in file order."""
-        per_layer = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
-        names = ["embed"] + [f"layers.{i}.{kind}" for i in range(self.num_layers) for kind in per_layer]
-        return names + ["norm"] + ([] if self.tie_word_embeddings else ["output"])
+        return list(self.iter_tensor_names())
+
+    def iter_tensor_names(self):
+        """tensor_names() one at a time: a converter source fails at its first missing tensor even
+        when hostile metadata claims billions of layers."""
+        yield "embed"
+        for i in range(self.num_layers):
+            for kind in LAYER_KINDS:
+                yield layer_tensor(i, kind)
+        yield "norm"
+        if not self.tie_word_embeddings:
+            yield "output"
 
     def check_recipe(self, where: str) -> "ModelConfig":
         """The per-tensor recipe names exactly this model's tensors, each in a known format with
@@ -210,21 +219,70 @@ def read_config(folder: Path) -> ModelConfig:
     return ModelConfig.from_json(read_json(path), str(path))
 
 
+# ---------------------------------------------------------------------------------------------
+# Tensor names: edgephi's, and the Hugging Face and GGUF tensors each one is made of
+
+@dataclass(frozen=True)
+class SourcePart:
+    hf: str  # Hugging Face safetensors name; {i} is the layer
+    gguf: str  # llama.cpp's GGUF name
+    shape: tuple[str, ...]  # in the sizes of _sizes(); linear weights are [out, in]
+
+
+def _parts(*rows: tuple[str, str, tuple[str, ...]]) -> tuple[SourcePart, ...]:
+    return tuple(SourcePart(*row) for row in rows)
+
+
+# edgephi tensor kind -> architecture ("*": any) -> the source tensors stacked row-wise into it,
+# in order. Phi-3 stores qkv and gate_up fused (GGUF's ffn_up then holds gate and up); Llama
+# stores them as parts. Kinds are listed in file order; those in LAYER_KINDS repeat per layer.
+TENSOR_TABLE: dict[str, dict[str, tuple[SourcePart, ...]]] = {
+    "embed": {"*": _parts(("model.embed_tokens.weight", "token_embd.weight", ("V", "D")))},
+    "attn_norm": {"*": _parts(("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", ("D",)))},
+    "qkv": {
+        "phi3": _parts(("model.layers.{i}.self_attn.qkv_proj.weight", "blk.{i}.attn_qkv.weight", ("QKV", "D"))),
+        "llama": _parts(("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", ("Q", "D")),
+                        ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight", ("KV", "D")),
+                        ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight", ("KV", "D"))),
+    },
+    "o": {"*": _parts(("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", ("D", "Q")))},
+    "ffn_norm": {"*": _parts(("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight", ("D",)))},
+    "gate_up": {
+        "phi3": _parts(("model.layers.{i}.mlp.gate_up_proj.weight", "blk.{i}.ffn_up.weight", ("2F", "D"))),
+        "llama": _parts(("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", ("F", "D")),
+                        ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", ("F", "D"))),
+    },
+    "down": {"*": _parts(("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", ("D", "F")))},
+    "norm": {"*": _parts(("model.norm.weight", "output_norm.weight", ("D",)))},
+    "output": {"*": _parts(("lm_head.weight", "output.weight", ("V", "D")))},
+}
+LAYER_KINDS = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+
+
+def layer_tensor(layer: int, kind: str) -> str:
+    """edgephi's name of a layer's tensor: layers.{layer}.{kind}."""
+    return f"layers.{layer}.{kind}"
+
+
+def _sizes(cfg: ModelConfig) -> dict[str, int]:
+    F, Dh = cfg.intermediate_size, cfg.head_dim
+    return {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": F, "2F": 2 * F, "Q": cfg.num_heads * Dh,
+            "KV": cfg.num_kv_heads * Dh, "QKV": cfg.qkv_rows}
+
+
+def source_parts(cfg: ModelConfig, name: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(Hugging Face name, GGUF name, shape) of each source tensor stacked into edgephi tensor `name`."""
+    layer, _, kind = name.rpartition(".")
+    by_arch = TENSOR_TABLE[kind]
+    sizes, i = _sizes(cfg), layer.rpartition(".")[2]
+    return [(p.hf.format(i=i), p.gguf.format(i=i), tuple(sizes[n] for n in p.shape))
+            for p in by_arch.get(cfg.architecture) or by_arch["*"]]
+
+
 def expected_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    """Logical shape of a tensor; linear weights are [out, in] as in Hugging Face."""
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    kind = name.rsplit(".", 1)[-1]
-    return {
-        "embed": (cfg.vocab_size, D),
-        "output": (cfg.vocab_size, D),
-        "norm": (D,),
-        "attn_norm": (D,),
-        "ffn_norm": (D,),
-        "qkv": (cfg.qkv_rows, D),
-        "o": (D, cfg.num_heads * cfg.head_dim),
-        "gate_up": (2 * F, D),
-        "down": (D, F),
-    }[kind]
+    """Logical shape of a tensor, its source parts stacked; linear weights are [out, in] as in Hugging Face."""
+    shapes = [shape for _, _, shape in source_parts(cfg, name)]
+    return shapes[0] if len(shapes[0]) == 1 else (sum(rows for rows, _ in shapes), shapes[0][1])
 
 
 def check_generation(data: dict, where: str, vocab_size: int) -> dict:

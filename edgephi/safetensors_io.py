@@ -1,4 +1,5 @@
-"""safetensors read by memory-mapping (no copy, bf16 included) and written one tensor at a time.
+"""safetensors read by memory-mapping (no copy, bf16 included); the converter writes them
+(edgephi/convert/safetensors_writer.py).
 
 The `safetensors` package reads into memory and has no bf16 in numpy; models of 14B parameters need
 neither, so the container (8-byte header length, JSON header, raw little-endian data) is handled here.
@@ -6,7 +7,6 @@ neither, so the container (8-byte header length, JSON header, raw little-endian 
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -22,7 +22,6 @@ DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
-DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}
 DATA_ALIGN = 64  # where tensor data starts in files we write, so mapped planes are cache-aligned
 MAX_HEADER = 100 * 1024 * 1024
 MAX_DIMS = 32  # numpy's limit; it also keeps the product of a hostile shape cheap to compute
@@ -117,65 +116,3 @@ class SafetensorsFile:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32: widening is exact."""
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-class SafetensorsWriter:
-    """Writes a file whose tensor list is declared up front; data then arrives in row ranges,
-    in any order, so a large tensor never has to be in memory whole.
-
-    entries: [(name, numpy dtype or "BF16", shape)] in file order.
-    """
-
-    def __init__(self, path: str | Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
-        self.path = Path(path)
-        header: dict = {"__metadata__": dict(metadata or {})}
-        offset = 0
-        self._entries = {}
-        for name, dtype, shape in entries:
-            label = dtype if dtype == "BF16" else DTYPE_NAMES[np.dtype(dtype)]  # bf16 arrives as uint16 bits
-            dtype = np.dtype(DTYPES[label])
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": label, "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            self._entries[name] = [dtype, tuple(shape), offset, nbytes, 0]  # last: bytes written
-            offset += nbytes
-        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        text += b" " * (-(8 + len(text)) % DATA_ALIGN)
-        self._data_start = 8 + len(text)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.pwrite(self._fd, len(text).to_bytes(8, "little") + text, 0)
-            os.ftruncate(self._fd, self._data_start + offset)
-        except BaseException:
-            os.close(self._fd)
-            raise
-
-    def write(self, name: str, array: np.ndarray, row_start: int = 0) -> None:
-        """Rows [row_start, row_start + len(array)) of tensor `name`."""
-        entry = self._entries[name]
-        dtype, shape, offset, nbytes, _ = entry
-        if array.dtype != dtype or tuple(array.shape[1:]) != shape[1:] or row_start + len(array) > shape[0]:
-            raise ValueError(f"{name}: expected rows of {dtype} {shape}, got {array.dtype} {array.shape} "
-                             f"at row {row_start}")
-        row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
-        data = np.ascontiguousarray(array).data.cast("B")
-        os.pwrite(self._fd, data, self._data_start + offset + row_start * row_bytes)
-        entry[4] += len(data)
-
-    def close(self) -> None:
-        try:
-            incomplete = [n for n, e in self._entries.items() if e[4] != e[3]]
-            if incomplete:
-                raise ValueError(f"{self.path}: tensors not fully written: {', '.join(incomplete[:5])}")
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-
-    def abort(self) -> None:
-        os.close(self._fd)

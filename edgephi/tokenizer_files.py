@@ -20,6 +20,17 @@ MAX_IDS = 1 << 22  # token ids; the largest vocabularies in use have about 256k
 MAX_RANKS_BYTES = 64 << 20  # o200k's file is 3.6 MB
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies (tokenizer.json,
+    GGUF gpt2) spell their tokens in: printable bytes stand for themselves, the rest for 256 + n."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}  # printable character -> byte
+
+
 @dataclass
 class TokenizerSpec:
     name: str

@@ -7,7 +7,7 @@ import json
 import sys
 
 import edgephi
-from convert.default_model import ensure_default_model
+from edgephi.default_model import ensure_default_model
 
 prompts_file, out_file = sys.argv[1], sys.argv[2]
 model = edgephi.load(sys.argv[3] if len(sys.argv) > 3 else ensure_default_model(say=print))

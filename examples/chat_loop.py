@@ -6,7 +6,7 @@
 import sys
 
 import edgephi
-from convert.default_model import ensure_default_model
+from edgephi.default_model import ensure_default_model
 
 folder = sys.argv[1] if len(sys.argv) > 1 else ensure_default_model(say=print)
 chat = edgephi.load(folder).chat_session(system=None, max_new_tokens=128)

@@ -6,7 +6,7 @@
 import argparse
 
 import edgephi
-from convert import convert
+from edgephi.convert import convert
 
 ap = argparse.ArgumentParser()
 ap.add_argument("src")
