@@ -6,11 +6,14 @@ __version__ = "0.1.0"
 BACKENDS = ("numba", "onnxruntime")
 
 
-def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None):
+def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, isa=None):
     """Load an edgephi model folder, or an ONNX folder written by `edgephi export-onnx`.
     context: KV capacity in tokens (default: the model's context length, capped so the numba
     backend's KV cache fits in 512 MiB). backend: "numba" (edgephi's kernels) or "onnxruntime";
-    by default an ONNX folder runs on onnxruntime, an edgephi folder on numba."""
+    by default an ONNX folder runs on onnxruntime, an edgephi folder on numba. isa: the numba
+    kernels' instruction set (see edgephi/isa.py; default $EDGEPHI_ISA, else the fastest the CPU
+    runs). threads: this model's steps run on that many threads, whatever other models use."""
+    from .api import LanguageModel
     from .onnx_backend import is_onnx_folder
 
     if backend is None:
@@ -18,12 +21,12 @@ def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "onnxruntime":
-        from .onnx_backend import OnnxModel
+        from .onnx_backend import OnnxBackend
 
-        return OnnxModel(path, threads=threads, context=context)
+        return LanguageModel(OnnxBackend(path, threads=threads, context=context))
     from .model_folder import read_model_folder
 
     files = read_model_folder(path)  # checked before numba is even imported: a bad folder fails fast
-    from .model import Model
+    from .model import NumbaBackend
 
-    return Model(files, threads=threads, context=context, kv_dtype=kv_dtype)
+    return LanguageModel(NumbaBackend(files, threads=threads, context=context, kv_dtype=kv_dtype, isa=isa))

@@ -1,48 +1,55 @@
 """The generation API apps use (prompts, streaming, chat), the same over every backend.
 
-A backend provides: config (ModelConfig), tokenizer, generation_config (generation.json), context
-(the default KV capacity), sequence() -> a new token sequence with its own KV cache (capacity,
-next_pos, reset(), truncate(n) -> bool, keep_prefix(n), feed(tokens) -> logits (1, V) of the last
-token, step(token) -> the same for one token), and logits(ids) -> (len(ids), V).
-
-Every generation owns its sequence, so one loaded model serves many threads and conversations at
-once without mixing them.
+A LanguageModel holds a Backend (edgephi/backend.py: the numba kernels or onnxruntime) and adds
+everything that does not depend on the runtime. Every generation owns its sequence, so one loaded
+model serves many threads and conversations at once without mixing them.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
+from .backend import Backend, check_context, check_tokens
 from .chat import ChatSession, check_messages
-from .generate import GenerationStats, check_max_new_tokens, check_stop, text_stream, token_stream
+from .generate import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationStats,
+    check_max_new_tokens,
+    check_stop,
+    text_stream,
+    token_stream,
+)
+from .kv_cache import DEFAULT_SINKS
 from .sampling import SamplingParams
-
-
-def check_context(context, what: str = "context") -> int:
-    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
-        raise ValueError(f"{what} must be an integer >= 2, got {context!r}")
-    return context
-
-
-def check_threads(threads) -> int | None:
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    return threads
+from .sequence import Sequence
 
 
 class LanguageModel:
-    """What edgephi.load returns, on either backend (see the module docstring for what a backend adds)."""
+    """What edgephi.load returns, on either backend."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.folder, self.config, self.tokenizer = backend.folder, backend.config, backend.tokenizer
+        self.generation_config, self.generation_file = backend.generation_config, backend.generation_file
+        self.context, self.kv_dtype = backend.context, backend.kv_dtype
+
+    def sequence(self, context: int | None = None, *, sinks: int = DEFAULT_SINKS) -> Sequence:
+        """A new token sequence with a KV cache of its own (`context` tokens, default the model's).
+        sinks: first positions a full cache keeps (the numba backend's ring; onnxruntime never wraps)."""
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+            raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
+        capacity = self.context if context is None else check_context(context)
+        return Sequence(self.backend, self.backend.new_cache(capacity, sinks))
+
+    def logits(self, ids) -> np.ndarray:
+        """float32 (len(ids), V) logits of `ids` in a fresh context."""
+        return self.backend.logits(self.check_tokens(list(ids)))
 
     def check_tokens(self, tokens) -> np.ndarray:
         """tokens as int64 (T,), refused unless every id lies inside the embedding."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise ValueError("tokens must be a non-empty list of token ids")
-        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return tokens
+        return check_tokens(tokens, self.config.vocab_size)
 
     def kv_bytes(self, context: int | None = None) -> int:
         """Bytes of one sequence's KV cache when full (the numba backend maps pages only as tokens
@@ -66,7 +73,7 @@ class LanguageModel:
             raise ValueError("prompt is empty and the model has no BOS token to start from")
         return ids
 
-    def generate_tokens(self, prompt_ids, *, max_new_tokens: int = 256, stop=None, ignore_eos: bool = False,
+    def generate_tokens(self, prompt_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None, ignore_eos: bool = False,
                         stats: GenerationStats | None = None, **sampling) -> Iterator[int]:
         """Token ids continuing prompt_ids in a fresh context. sampling: temperature, top_k,
         top_p, min_p, repetition_penalty, seed (see SamplingParams)."""
@@ -79,7 +86,7 @@ class LanguageModel:
         return token_stream(self, self.sequence(), ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
                             ignore_eos=ignore_eos, stats=stats)
 
-    def stream(self, prompt, *, special_tokens: bool = False, max_new_tokens: int = 256, stop=None,
+    def stream(self, prompt, *, special_tokens: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None,
                ignore_eos: bool = False, stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
         """Text pieces (always whole UTF-8 characters) continuing `prompt`."""
         stop = check_stop(stop)

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from numba import njit, prange
 
-from . import jit_cache  # noqa: F401  (numba's cache folder)
 from .rss import peak_rss_mib
 
 
@@ -74,18 +73,6 @@ def read_bandwidth(words: np.ndarray, repetitions: int) -> float:
     return best
 
 
-def decode_bytes(weights) -> int:
-    """Bytes of weights one decode step reads: all of every linear, the norms, one embedding row."""
-    def size(w):
-        return sum(a.nbytes for a in w[1:])
-    total = size(weights.output) + weights.norm.nbytes
-    for layer in range(len(weights.qkv)):
-        total += sum(size(ws[layer]) for ws in (weights.qkv, weights.o, weights.gate_up, weights.down))
-        total += weights.attn_norms[layer].nbytes + weights.ffn_norms[layer].nbytes
-    embed_rows = max(1, weights.embed[1].shape[0], weights.embed[4].shape[0])
-    return total + size(weights.embed) // embed_rows
-
-
 def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5, backend=None) -> BenchResult:
     from . import load
 
@@ -95,7 +82,8 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5,
     started = time.perf_counter()
     model = load(path, threads=threads, context=max(prompt_tokens, gen_tokens) + 8, backend=backend)
     load_s = time.perf_counter() - started
-    kernels_s = getattr(model, "kernels_s", None)  # numba: inside load; onnxruntime: at the first step
+    runtime = model.backend
+    kernels_s = runtime.kernels_s  # numba: inside load; onnxruntime: None, at the first step
     rng = np.random.default_rng(0)
     vocab = model.tokenizer.n_vocab
     prompt = [int(t) for t in rng.integers(0, vocab, prompt_tokens)]
@@ -124,16 +112,14 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5,
         decode.append(gen_tokens / (t3 - t2))
     peak_rss_mb = peak_rss_mib()  # before the bandwidth probe's buffer
     decode_tok_s = statistics.median(decode)
-    result = BenchResult(prompt_tokens, gen_tokens, threads or os.cpu_count(), load_s, jit_s,
+    result = BenchResult(prompt_tokens, gen_tokens, runtime.threads or os.cpu_count(), load_s, jit_s,
                          statistics.median(prefill), decode_tok_s, statistics.median(ttft), peak_rss_mb,
-                         getattr(model, "backend", "numba"))
-    if result.backend == "numba":
-        from .format import WEIGHTS_FILE
-
-        result.threads = model.threads
-        result.weights_file_mb = (model.folder / WEIGHTS_FILE).stat().st_size / 2**20
-        result.kv_cache_mb = sequence.cache.nbytes / 2**20
-        result.weight_bytes_per_token = decode_bytes(model.weights)
+                         runtime.name)
+    per_token = runtime.weight_bytes_per_token
+    if per_token is not None:  # a backend that knows what its weights cost
+        result.weights_file_mb = runtime.weights_file_bytes / 2**20
+        result.kv_cache_mb = model.kv_bytes(sequence.capacity) / 2**20
+        result.weight_bytes_per_token = per_token
         result.bandwidth_rounds = _paired_bandwidth_rounds(sequence, gen, repetitions)
         result.read_gb_s = statistics.median(gb_s for gb_s, _ in result.bandwidth_rounds)
         result.bandwidth_fraction = statistics.median(

@@ -4,11 +4,18 @@ its own tokens and sessions sharing a model never see each other's context."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from .errors import EdgephiError
-from .generate import GenerationStats, check_max_new_tokens, check_stop, text_stream, token_stream
+from .generate import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationStats,
+    check_max_new_tokens,
+    check_stop,
+    text_stream,
+    token_stream,
+)
 from .sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -31,9 +38,11 @@ class ChatSession:
     Memory: the KV ring fills as the conversation grows, up to model.kv_bytes() (pages are mapped
     only when written), plus one row of logits; close() (or the end of a `with` block) frees them."""
 
-    def __init__(self, model, *, system: str | None = None, max_new_tokens: int = 512, stop=None,
+    def __init__(self, model, *, system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None,
                  ignore_eos: bool = False, context: int | None = None, **sampling):
-        from .chat_template import ChatTemplate  # jinja2 is imported only by apps that chat
+        from .chat_template import (
+            ChatTemplate,  # jinja2 is imported only by apps that chat
+        )
 
         self.model = model
         self.template = ChatTemplate(model.generation_config.get("chat_template"), model.tokenizer,

@@ -17,6 +17,8 @@ import numpy as np
 from .sampling import SamplingParams, sample
 from .stops import StopMatcher, cut_at_stops
 
+DEFAULT_MAX_NEW_TOKENS = 512  # the default reply length of the API, chat sessions and the CLI, in tokens
+
 
 @dataclass
 class GenerationStats:

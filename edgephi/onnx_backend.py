@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import LanguageModel, check_context, check_threads
+from .backend import check_context, check_threads
 from .errors import EdgephiError, ModelFormatError
 from .format import GENERATION_FILE
 
@@ -75,12 +75,12 @@ def is_onnx_folder(folder) -> bool:
     return (folder / MODEL_FILE).is_file() and (folder / EDGEPHI_SUBFOLDER).is_dir()
 
 
-class OnnxSequence:
-    """One token sequence on the exported decoder: its KV arrays. No ring: a conversation longer
-    than the context is an error (the numba backend wraps)."""
+class OnnxCache:
+    """One sequence's KV arrays on the exported decoder. No ring: a conversation longer than the
+    context is an error (the numba backend wraps)."""
 
-    def __init__(self, model: "OnnxModel", capacity: int):
-        self.model = model
+    def __init__(self, decoder: OnnxDecoder, capacity: int):
+        self.decoder = decoder
         self.capacity = capacity
         self.reset()
 
@@ -89,7 +89,7 @@ class OnnxSequence:
         return self.past[0][0].shape[2]
 
     def reset(self) -> None:
-        self.past = self.model.decoder.empty_past()
+        self.past = self.decoder.empty_past()
 
     def truncate(self, n: int) -> bool:
         if n > self.next_pos:
@@ -100,25 +100,14 @@ class OnnxSequence:
     def keep_prefix(self, n: int) -> None:
         """Nothing to pin: without a ring no position is ever overwritten."""
 
-    def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
-        tokens = self.model.check_tokens(tokens)
-        if self.next_pos + len(tokens) > self.capacity:
-            raise EdgephiError(f"context full ({self.capacity} tokens): the onnxruntime backend does not "
-                               f"wrap its cache; start a new conversation or raise --context")
-        logits, self.past = self.model.decoder.run(tokens, self.past)
-        if not np.isfinite(logits[-1]).all():
-            raise ModelFormatError(f"{self.model.folder}: the model computed non-finite logits (NaN or Inf)")
-        return logits if all_logits else logits[-1:]
 
-    def step(self, token: int) -> np.ndarray:
-        return self.feed([token])
+class OnnxBackend:
+    """An exported ONNX folder run by onnxruntime (a Backend, see backend.py)."""
 
-
-class OnnxModel(LanguageModel):
-    """An exported ONNX folder run by onnxruntime, with the generation and chat API of edgephi.load."""
-
-    backend = "onnxruntime"
+    name = "onnxruntime"
     kv_dtype = "float32"  # the graph's past_key_values
+    # onnxruntime lays out its weights itself and builds its kernels at the first step
+    kernels_s = weights_file_bytes = weight_bytes_per_token = None
 
     def __init__(self, folder, *, threads: int | None = None, context: int | None = None):
         from .model_folder import read_model_folder
@@ -129,7 +118,8 @@ class OnnxModel(LanguageModel):
         files = read_model_folder(self.folder / EDGEPHI_SUBFOLDER)
         self.config, self.tokenizer, self.generation_config = files.config, files.tokenizer, files.generation
         self.generation_file = files.path / GENERATION_FILE
-        self.decoder = OnnxDecoder(self.folder, threads=check_threads(threads))
+        self.threads = check_threads(threads)
+        self.decoder = OnnxDecoder(self.folder, threads=self.threads)
         cfg = self.config
         if (self.decoder.layers, self.decoder.kv_heads, self.decoder.head_size) != (
                 cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
@@ -138,9 +128,22 @@ class OnnxModel(LanguageModel):
                                    f"says {cfg.num_layers} of {cfg.num_kv_heads} x {cfg.head_dim}")
         self.context = check_context(cfg.max_position_embeddings if context is None else context)
 
-    def sequence(self, context: int | None = None) -> OnnxSequence:
-        return OnnxSequence(self, self.context if context is None else check_context(context))
+    def new_cache(self, capacity: int, sinks: int = 0) -> OnnxCache:
+        """sinks is ignored: the cache never wraps."""
+        return OnnxCache(self.decoder, capacity)
 
-    def logits(self, ids) -> np.ndarray:
-        """float32 (len(ids), V) logits of `ids` in a fresh context."""
-        return self.decoder.logits(self.check_tokens(list(ids)))
+    def feed(self, cache: OnnxCache, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
+        if cache.next_pos + len(tokens) > cache.capacity:
+            raise EdgephiError(f"context full ({cache.capacity} tokens): the onnxruntime backend does not "
+                               f"wrap its cache; start a new conversation or raise --context")
+        logits, cache.past = self.decoder.run(tokens, cache.past)
+        if not np.isfinite(logits[-1]).all():
+            raise ModelFormatError(f"{self.folder}: the model computed non-finite logits (NaN or Inf)")
+        return logits if all_logits else logits[-1:]
+
+    def step(self, cache: OnnxCache, token: int) -> np.ndarray:
+        """onnxruntime returns new arrays every run, so this step allocates whatever the backend does."""
+        return self.feed(cache, np.full(1, token, np.int64), False)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        return self.decoder.logits(ids)
