@@ -9,82 +9,69 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels import (activation_scratch, add_into, attention, count_nonfinite, embed_rows, linear, rmsnorm, rope,
-                      silu_mul, store_kv)
+from .kernels import add_into, attention, rmsnorm, rope, silu_mul, store_kv
+from .matmul import count_nonfinite, embed_rows, linear
+from .records import Scratch, activations
 
 ATTENTION_TOKENS = 16  # tokens per attention call in a prefill chunk: scores are 16 x H x C floats
 
 
-class Workspace:
-    """Scratch arrays for steps of up to T tokens, allocated once and reused every step."""
+def new_scratch(cfg, tokens: int, capacity: int) -> Scratch:
+    """Scratch for steps of up to `tokens` tokens over a KV ring of `capacity` slots."""
+    D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    f32 = np.float32
+    return Scratch(
+        x=np.zeros((tokens, D), f32), xn=np.zeros((tokens, D), f32), qkv=np.zeros((tokens, (H + 2 * Hk) * Dh), f32),
+        attn=np.zeros((tokens, H * Dh), f32), tmp=np.zeros((tokens, D), f32),
+        gate_up=np.zeros((tokens, 2 * F), f32), act=np.zeros((tokens, F), f32),
+        scores=np.zeros((min(tokens, ATTENTION_TOKENS) * H, capacity), f32),
+        quantized=activations(tokens, max(D, F, H * Dh)))
 
-    def __init__(self, cfg, T: int, capacity: int):
-        D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        f32 = np.float32
-        self.T, self.H = T, H
-        self.x = np.zeros((T, D), f32)  # residual stream
-        self.xn = np.zeros((T, D), f32)  # normed input of a sublayer
-        self.qkv = np.zeros((T, (H + 2 * Hk) * Dh), f32)
-        self.attn = np.zeros((T, H * Dh), f32)
-        self.tmp = np.zeros((T, D), f32)
-        self.gate_up = np.zeros((T, 2 * F), f32)
-        self.act = np.zeros((T, F), f32)
-        self.scores = np.zeros((min(T, ATTENTION_TOKENS) * H, capacity), f32)
-        widest = max(D, F, H * Dh)  # the int16 copy of a linear's input (quantized weights)
-        self.quantized = activation_scratch(T, widest)
-        self._views: dict[int, tuple] = {}
 
-    @staticmethod
-    def bytes_per_token(cfg) -> int:
-        """Scratch bytes that grow with T (all but the scores): Phi-4-mini's 200 KB."""
-        D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        floats = 3 * D + (H + 2 * Hk) * Dh + H * Dh + 3 * F
-        widest = max(D, F, H * Dh)
-        return 4 * floats + 4 * widest + 8 * (widest // 32)  # activation_scratch: int16 + 2 bytes + 2 floats a block
-
-    def buffers(self, n: int):
-        """Views for a step of n <= T tokens (made once per size: no allocation per step)."""
-        if n not in self._views:
-            self._views[n] = self._make_views(n)
-        return self._views[n]
-
-    def _make_views(self, n: int):
-        return (self.x[:n], self.xn[:n], self.qkv[:n], self.attn[:n], self.tmp[:n], self.gate_up[:n],
-                self.act[:n], self.scores, self.quantized)
+def scratch_bytes_per_token(cfg) -> int:
+    """Scratch bytes that grow with the step's tokens (all but the scores): Phi-4-mini's 200 KB."""
+    D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    floats = 3 * D + (H + 2 * Hk) * Dh + H * Dh + 3 * F
+    widest = max(D, F, H * Dh)
+    return 4 * floats + 4 * widest + 8 * (widest // 32)  # Activations: int16 + 2 bytes a value, 2 floats a block
 
 
 @njit(cache=True)
-def forward(tokens, positions, slots, n_slots, shape, eps, inv_freq, attention_factor, window,
-            embed, output, final_norm, attn_norms, ffn_norms, qkv_w, o_w, gate_up_w, down_w,
-            k_cache, v_cache, slot_pos, x, xn, qkv, attn, tmp, gate_up, act, scores, quantized, logits, all_logits):
-    """Run T new tokens (at `positions`, cached into `slots`) through the model; returns how many
-    activations entering a linear, and logits, were NaN or Inf (weights that overflow must not
-    pass for a reply).
-    shape = (H, Hk, Dh, R); k_cache/v_cache (L, C, Hk * Dh) f16 bits or float32; logits (T or 1, V)."""
-    H, Hk, Dh, R = shape
+def forward(tokens, positions, slots, model, cache, scratch, logits):
+    """Run T new tokens (at absolute `positions`, cached into ring `slots`) through `model` (a
+    records.Transformer), writing logits (T, V) of every token, or (1, V) of the last one. Returns
+    how many activations entering a linear, and logits, were NaN or Inf: weights that overflow
+    must not pass for a reply. cache: records.KvArrays; scratch: records.Scratch of >= T tokens."""
     T = tokens.shape[0]
+    H, Hk, Dh, R = model.heads, model.kv_heads, model.head_dim, model.rope.rotary_dim
+    isa, act = model.isa, scratch.quantized
+    x, xn, qkv, attn = scratch.x[:T], scratch.xn[:T], scratch.qkv[:T], scratch.attn[:T]
+    tmp, gate_up, ffn = scratch.tmp[:T], scratch.gate_up[:T], scratch.act[:T]
+    inv_freq = model.rope.long if cache.long_rope else model.rope.short
     nonfinite = 0
-    embed_rows(embed, tokens, x)
-    for layer in range(len(qkv_w)):
-        rmsnorm(x, attn_norms[layer], eps, xn)
-        nonfinite += linear(qkv_w[layer], xn, qkv, quantized)
-        rope(qkv, positions, inv_freq, attention_factor, H, Hk, Dh, R)
-        store_kv(qkv, slots, k_cache[layer], v_cache[layer], H, Hk, Dh)
+    embed_rows(model.embed, tokens, x)
+    for i in range(len(model.layers)):
+        layer = model.layers[i]
+        k_cache, v_cache = cache.k[i], cache.v[i]
+        rmsnorm(x, layer.attn_norm, model.eps, xn)
+        nonfinite += linear(isa, layer.qkv, xn, qkv, act)
+        rope(qkv, positions, inv_freq, model.rope.attention_factor, H, Hk, Dh, R)
+        store_kv(qkv, slots, k_cache, v_cache, H, Hk, Dh)
         for t0 in range(0, T, ATTENTION_TOKENS):  # bounds the scores scratch, not the matmul chunk
             t1 = min(T, t0 + ATTENTION_TOKENS)
-            attention(qkv[t0:t1], positions[t0:t1], k_cache[layer], v_cache[layer], slot_pos, n_slots, window,
-                      H, Hk, Dh, scores, attn[t0:t1])
-        nonfinite += linear(o_w[layer], attn, tmp, quantized)
+            attention(qkv[t0:t1], positions[t0:t1], k_cache, v_cache, cache.slot_pos, cache.n_slots, model.window,
+                      H, Hk, Dh, scratch.scores, attn[t0:t1])
+        nonfinite += linear(isa, layer.o, attn, tmp, act)
         add_into(x, tmp)
-        rmsnorm(x, ffn_norms[layer], eps, xn)
-        nonfinite += linear(gate_up_w[layer], xn, gate_up, quantized)
-        silu_mul(gate_up, act)
-        nonfinite += linear(down_w[layer], act, tmp, quantized)
+        rmsnorm(x, layer.ffn_norm, model.eps, xn)
+        nonfinite += linear(isa, layer.gate_up, xn, gate_up, act)
+        silu_mul(gate_up, ffn)
+        nonfinite += linear(isa, layer.down, ffn, tmp, act)
         add_into(x, tmp)
-    if all_logits:
-        rmsnorm(x, final_norm, eps, xn)
-        nonfinite += linear(output, xn, logits, quantized)
+    if logits.shape[0] == T:
+        rmsnorm(x, model.norm, model.eps, xn)
+        nonfinite += linear(isa, model.output, xn, logits, act)
     else:
-        rmsnorm(x[T - 1:], final_norm, eps, xn[:1])
-        nonfinite += linear(output, xn[:1], logits, quantized)
+        rmsnorm(x[T - 1:], model.norm, model.eps, xn[:1])
+        nonfinite += linear(isa, model.output, xn[:1], logits, act)
     return nonfinite + count_nonfinite(logits)

@@ -1,36 +1,95 @@
-"""Where numba keeps compiled kernels: a per-user folder keyed by a hash of the kernel sources.
+"""Where numba keeps edgephi's compiled kernels: a folder keyed by a hash of every kernel source,
+chosen when a model loads (use_kernel_cache), not at import.
 
-numba's own cache sits beside each source file and is invalidated only when that file changes,
-so a kernel that calls an edited kernel in another file would load stale machine code; keying
-the folder on every kernel source (and the numba version) rules that out.
+numba's own cache sits beside each source file and is keyed by that file alone, so a kernel that
+calls an edited kernel in another file would load stale machine code; keying the folder on all
+of them (and the numba version) rules that out. The folder is numba's per-function state, so it
+is one per process: a second, different folder is refused rather than silently ignored. Other
+numba code in the process keeps numba's own cache settings.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import importlib
+import threading
 from pathlib import Path
 
 import numba
+from numba.core.caching import (
+    CompileResultCacheImpl,
+    FunctionCache,
+    NullCache,
+    _CacheLocator,
+    _SourceFileBackedLocatorMixin,
+)
+from numba.core.dispatcher import Dispatcher
 
-KERNEL_SOURCES = ("simd.py", "kernels.py", "forward.py")
+from .errors import EdgephiError
+from .user_cache import kernel_cache_root
+
+# Every module whose source shapes compiled kernel code: jitted functions, IR emitters, records.
+KERNEL_MODULES = ("isa", "isa_ops", "llvm_ir", "block_codecs", "row_dot", "attention_rows", "float16", "records",
+                  "quant", "matmul", "kernels", "forward", "weights")
+
+_configured: Path | None = None
+_lock = threading.Lock()
 
 
-def cache_root() -> Path:
-    """edgephi's per-user folder: $EDGEPHI_CACHE, else $XDG_CACHE_HOME/edgephi or ~/.cache/edgephi."""
-    if os.environ.get("EDGEPHI_CACHE"):
-        return Path(os.environ["EDGEPHI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgephi"
-
-
-def configure() -> Path:
+def kernel_folder() -> Path:
+    """The cache folder for this numba and these kernel sources."""
     digest = hashlib.sha256(numba.__version__.encode())
     here = Path(__file__).parent
-    for name in KERNEL_SOURCES:
-        digest.update((here / name).read_bytes())
-    folder = cache_root() / "numba" / digest.hexdigest()[:16]
-    numba.config.CACHE_DIR = str(folder)
+    for name in KERNEL_MODULES:
+        digest.update((here / f"{name}.py").read_bytes())
+    return kernel_cache_root() / digest.hexdigest()[:16]
+
+
+def _cache_class(folder: Path) -> type:
+    """numba's FunctionCache, located in `folder` whatever the function's file."""
+    class KernelLocator(_SourceFileBackedLocatorMixin, _CacheLocator):
+        def __init__(self, py_func, py_file):
+            self._py_file = py_file
+            self._lineno = py_func.__code__.co_firstlineno
+            self._cache_path = str(folder)
+
+        def get_cache_path(self):
+            return self._cache_path
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            locator = cls(py_func, py_file)
+            try:
+                locator.ensure_cache_path()
+            except OSError:
+                return None
+            return locator
+
+    class KernelCacheImpl(CompileResultCacheImpl):
+        _locator_classes = [KernelLocator]  # noqa: RUF012  (numba reads the class attribute)
+
+    class KernelCache(FunctionCache):
+        _impl_class = KernelCacheImpl
+
+    return KernelCache
+
+
+def use_kernel_cache() -> Path:
+    """Point every cached edgephi kernel at kernel_folder() (made on first use); idempotent."""
+    global _configured
+    folder = kernel_folder()
+    with _lock:
+        if _configured == folder:
+            return folder
+        if _configured is not None:
+            raise EdgephiError(f"edgephi's compiled kernels already use {_configured} in this process; numba keeps "
+                               f"one cache folder per kernel, so EDGEPHI_KERNEL_CACHE cannot move to {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        cache_class = _cache_class(folder)
+        for name in KERNEL_MODULES:
+            module = importlib.import_module(f"{__package__}.{name}")
+            for value in vars(module).values():
+                if isinstance(value, Dispatcher) and not isinstance(value._cache, NullCache):
+                    value._cache = cache_class(value.py_func)
+        _configured = folder
     return folder
-
-
-configure()

@@ -1,8 +1,8 @@
-"""A loaded model (config, mapped weights, tokenizer) that many threads may share, and the
-sequences decoded through it, each with a KV ring of its own.
+"""The numba backend: a loaded model (config, mapped weights, tokenizer) that many threads may share.
 
-Threads never corrupt each other: a Sequence owns everything a step writes except the scratch
-arrays, and every forward() call runs under one process-wide lock, which also holds the scratch.
+Threads never corrupt each other: a sequence's cache (a KV ring of its own) holds everything a step
+writes except the scratch arrays, and every forward() call runs under one process-wide lock, which
+also holds the scratch.
 numba runs one parallel region at a time anyway (its default workqueue layer aborts the process
 when two threads launch one at once), so the lock costs no throughput on a single model.
 """
@@ -16,14 +16,17 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from .api import LanguageModel, check_context, check_threads
-from .errors import EdgephiError, ModelFormatError
+from .backend import check_context, check_threads
+from .errors import ModelFormatError
 from .format import GENERATION_FILE, WEIGHTS_FILE, ModelConfig
-from .forward import ATTENTION_TOKENS, Workspace, forward
+from .forward import ATTENTION_TOKENS, forward, new_scratch, scratch_bytes_per_token
+from .isa import choose_isa
+from .jit_cache import use_kernel_cache
 from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
 from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache
 from .model_folder import ModelFolder, read_model_folder
-from .weights import load_weights
+from .records import KvArrays, Scratch
+from .weights import load_transformer
 
 DEFAULT_KV_BUDGET = 512 << 20  # default context is capped so the KV cache fits in 512 MiB
 PREFILL_CHUNK = 256  # most tokens per prefill step
@@ -36,26 +39,24 @@ MIN_PREFILL_CHUNK = 32
 KERNEL_LOCK = threading.Lock()  # one forward() at a time in the process (see the module docstring)
 
 
-def rope_inv_freq(cfg: ModelConfig, factors) -> np.ndarray:
-    """Inverse frequencies (R/2,) in float32, computed as transformers does."""
-    exponent = np.arange(0, cfg.rotary_dim, 2, dtype=np.float32) / np.float32(cfg.rotary_dim)
-    base = np.float32(cfg.rope_theta) ** exponent
-    if factors is not None:
-        base = np.asarray(factors, dtype=np.float32) * base
-    return (np.float32(1.0) / base).astype(np.float32)
+def kv_arrays(cache: KVCache) -> KvArrays:
+    """The ring as the next forward step reads it."""
+    return KvArrays(cache.k, cache.v, cache.slot_pos, cache.n_slots, cache.long_rope)
 
 
 def prefill_chunk_tokens(cfg: ModelConfig) -> int:
     """Tokens per prefill step: as many as PREFILL_SCRATCH_BYTES of activations hold, within bounds."""
-    by_scratch = PREFILL_SCRATCH_BYTES // Workspace.bytes_per_token(cfg)
+    by_scratch = PREFILL_SCRATCH_BYTES // scratch_bytes_per_token(cfg)
     return min(PREFILL_CHUNK, max(MIN_PREFILL_CHUNK, by_scratch - by_scratch % ATTENTION_TOKENS))
 
 
-class Model(LanguageModel):
-    backend = "numba"
+class NumbaBackend:
+    """edgephi's own kernels over the mapped weights of a model folder (a Backend, see backend.py)."""
+
+    name = "numba"
 
     def __init__(self, folder: str | Path | ModelFolder, *, threads: int | None = None, context: int | None = None,
-                 kv_dtype: str = "float16"):
+                 kv_dtype: str = "float16", isa: str | None = None):
         files = folder if isinstance(folder, ModelFolder) else read_model_folder(folder)
         self.folder, self.config, self.tokenizer = files.path, files.config, files.tokenizer
         self.generation_config, self.generation_file = files.generation, files.path / GENERATION_FILE
@@ -69,33 +70,81 @@ class Model(LanguageModel):
             by_budget = max(256, DEFAULT_KV_BUDGET // cfg.kv_bytes_per_token)
             context = max(2, min(cfg.max_position_embeddings, by_budget))
         self.context = check_context(context)
-        with numba_without_scipy_linalg():  # the typed lists of the weights are numba's first dispatch
-            self.weights = load_weights(self.folder, cfg)
-        scaling = cfg.rope_scaling
-        self._inv_freq_short = rope_inv_freq(cfg, scaling.short_factor if scaling else None)
-        self._inv_freq_long = rope_inv_freq(cfg, scaling.long_factor) if scaling else self._inv_freq_short
-        self._attention_factor = np.float32(scaling.attention_factor if scaling else 1.0)
-        self._shape = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim)
-        self._eps = np.float32(cfg.rms_norm_eps)
-        self._window = cfg.sliding_window or 0
+        self.isa = choose_isa(isa)  # before any kernel compiles: a wrong EDGEPHI_ISA is one line, not a crash
+        use_kernel_cache()
+        with numba_without_scipy_linalg():  # the typed list of the layers is numba's first dispatch
+            self.transformer = load_transformer(self.folder, cfg, self.isa)
         self.prefill_chunk = prefill_chunk_tokens(cfg)
-        self._workspaces: dict[int, Workspace] = {}  # tokens per step -> scratch; used under KERNEL_LOCK
+        self._scratch: dict[int, Scratch] = {}  # tokens per step -> scratch; used under KERNEL_LOCK
         started = time.perf_counter()
         self._load_kernels()
         self.kernels_s = time.perf_counter() - started  # loading (or on a first run compiling) them
 
-    def sequence(self, context: int | None = None, *, sinks: int = DEFAULT_SINKS) -> "Sequence":
-        """A new token sequence with a KV ring of its own (`context` slots, default the model's)."""
-        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
-            raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
-        return Sequence(self, self.context if context is None else check_context(context), sinks)
+    @property
+    def weights_file_bytes(self) -> int:
+        return (self.folder / WEIGHTS_FILE).stat().st_size
 
-    def logits(self, ids) -> np.ndarray:
-        """float32 (len(ids), V) logits of `ids` in a fresh context."""
-        ids = list(ids)
-        return self.sequence(max(2, len(ids) + 1), sinks=0).feed(ids, all_logits=True)
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads: all of every linear, the norms, one embedding row."""
+        model = self.transformer
 
-    # -- stepping (Sequence calls these) ---------------------------------------------------------
+        def size(w):
+            return sum(plane.nbytes for plane in w[1:])
+        total = size(model.output) + model.norm.nbytes
+        for layer in model.layers:
+            total += sum(size(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            total += layer.attn_norm.nbytes + layer.ffn_norm.nbytes
+        embed = model.embed
+        rows = max(1, embed.qs.shape[0], embed.f16.shape[0], embed.f32.shape[0])
+        return total + size(embed) // rows
+
+    def new_cache(self, capacity: int, sinks: int = DEFAULT_SINKS) -> SequenceCache:
+        return SequenceCache(self.config, capacity, sinks, self.kv_dtype)
+
+    def feed(self, cache: SequenceCache, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Append checked tokens (int64 (T,)) in chunks; logits (T, V), or cache.logits (1, V) of the last."""
+        self._switch_rope_if_needed(cache, cache.next_pos + len(tokens) - 1)
+        step = min(self.prefill_chunk, cache.max_chunk)
+        parts = []
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start:start + step]
+            out = np.empty((len(chunk), cache.logits.shape[1]), np.float32) if all_logits else cache.logits
+            self._run(cache, chunk, out, all_logits)
+            parts.append(out)
+        return np.concatenate(parts) if all_logits else cache.logits
+
+    def step(self, cache: SequenceCache, token: int) -> np.ndarray:
+        """One checked token through the model into the cache's own buffers: nothing is allocated."""
+        self._switch_rope_if_needed(cache, cache.next_pos)
+        cache.token[0] = token
+        self._run(cache, cache.token, cache.logits, False)
+        return cache.logits
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (len(ids), V) logits of checked ids in a fresh cache."""
+        return self.feed(self.new_cache(max(2, len(ids) + 1), sinks=0), ids, True)
+
+    def _switch_rope_if_needed(self, cache: SequenceCache, last_position: int) -> None:
+        """Crossing original_max_position_embeddings: keys cached with the short LongRoPE factors
+        are recomputed with the long ones, as transformers does when it drops its cache there."""
+        cfg = self.config
+        if cache.long_rope or cfg.rope_scaling is None or last_position + 1 <= cfg.original_max_position_embeddings:
+            return
+        tokens, positions, _ = cache.cached_tokens()
+        cache.long_rope = True
+        end = cache.next_pos
+        cache.slot_pos[:] = -1
+        step = min(self.prefill_chunk, cache.max_chunk)
+        # replay runs of consecutive positions (the kept prefix, then the ring) into the same slots
+        breaks = np.nonzero(np.diff(positions) != 1)[0] + 1
+        for run_tokens, run_positions in zip(np.split(tokens, breaks), np.split(positions, breaks)):
+            for start in range(0, len(run_tokens), step):
+                cache.next_pos = int(run_positions[start])
+                self._run(cache, run_tokens[start:start + step], cache.logits, False)
+        cache.next_pos = end
+
+    # -- one forward step ------------------------------------------------------------------------
 
     def _load_kernels(self) -> None:
         """Load the forward pass's machine code from numba's cache (compiling it on the very first
@@ -104,37 +153,29 @@ class Model(LanguageModel):
         cache = KVCache(self.config, 2, sinks=0, dtype=self.kv_dtype)
         one = np.zeros(1, np.int64)
         logits = np.zeros((1, self.config.vocab_size), np.float32)
-        args = self._forward_args(cache, one, one, one, self._workspace(1, 2), logits, False)
+        args = (one, one, one, self.transformer, kv_arrays(cache), self._scratch_for(1, 2), logits)
         forward.compile(tuple(numba.typeof(a) for a in args))
         release_compiler_pages()
 
-    def _workspace(self, tokens: int, capacity: int) -> Workspace:
+    def _scratch_for(self, tokens: int, capacity: int) -> Scratch:
         """Scratch for steps of up to `tokens` tokens over a ring of `capacity` slots; a larger
         ring (a session or logits() beyond the model's context) replaces it for good."""
-        ws = self._workspaces.get(tokens)
-        if ws is None or ws.scores.shape[1] < capacity:
-            ws = self._workspaces[tokens] = Workspace(self.config, tokens, max(capacity, self.context))
-        return ws
-
-    def _forward_args(self, cache: KVCache, tokens, positions, slots, ws: Workspace, logits, all_logits: bool):
-        w = self.weights
-        inv_freq = self._inv_freq_long if cache.long_rope else self._inv_freq_short
-        return (tokens, positions, slots, cache.n_slots, self._shape, self._eps, inv_freq,
-                self._attention_factor, self._window, w.embed, w.output, w.norm, w.attn_norms,
-                w.ffn_norms, w.qkv, w.o, w.gate_up, w.down, cache.k, cache.v, cache.slot_pos,
-                *ws.buffers(len(tokens)), logits, all_logits)
+        scratch = self._scratch.get(tokens)
+        if scratch is None or scratch.scores.shape[1] < capacity:
+            scratch = self._scratch[tokens] = new_scratch(self.config, tokens, max(capacity, self.context))
+        return scratch
 
     def _run(self, cache: KVCache, tokens: np.ndarray, logits: np.ndarray, all_logits: bool) -> None:
         """One forward step of len(tokens) <= prefill_chunk new tokens into `cache`, writing the
-        logits of every token (all_logits) or of the last one into `logits`."""
+        logits of every token (all_logits: logits is (T, V)) or of the last one (logits (1, V))."""
         with KERNEL_LOCK:  # which also guards the shared scratch
             app_threads = numba.get_num_threads()  # numba keeps the count per calling thread
             if app_threads != self.threads:
                 numba.set_num_threads(self.threads)
             try:
                 positions, slots = cache.append(tokens)
-                ws = self._workspace(1 if len(tokens) == 1 else self.prefill_chunk, cache.capacity)
-                nonfinite = forward(*self._forward_args(cache, tokens, positions, slots, ws, logits, all_logits))
+                scratch = self._scratch_for(1 if len(tokens) == 1 else self.prefill_chunk, cache.capacity)
+                nonfinite = forward(tokens, positions, slots, self.transformer, kv_arrays(cache), scratch, logits)
             finally:
                 if app_threads != self.threads:  # the calling app's own numba code keeps its count
                     numba.set_num_threads(app_threads)
@@ -144,86 +185,10 @@ class Model(LanguageModel):
                                    "values that overflow float32")
 
 
-class Sequence:
-    """One token sequence decoded through a shared Model: its KV ring and its logits row. Use a
-    sequence from one thread at a time; different sequences may step in different threads."""
+class SequenceCache(KVCache):
+    """A sequence's KV ring and the two rows its steps reuse, so decoding a token allocates nothing."""
 
-    def __init__(self, model: Model, capacity: int, sinks: int = DEFAULT_SINKS):
-        self.model = model
-        self.cache = KVCache(model.config, capacity, sinks=sinks, dtype=model.kv_dtype)
-        self._logits = np.zeros((1, model.config.vocab_size), np.float32)  # (1, V), reused by every step
-        self._token1 = np.zeros(1, np.int64)
-        self._busy = threading.Lock()
-
-    @property
-    def capacity(self) -> int:
-        return self.cache.capacity
-
-    @property
-    def next_pos(self) -> int:
-        return self.cache.next_pos
-
-    def reset(self) -> None:
-        self.cache.reset()
-
-    def truncate(self, n: int) -> bool:
-        return self.cache.truncate(n)
-
-    def keep_prefix(self, n: int) -> None:
-        self.cache.keep_prefix(n)
-
-    def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
-        """Append tokens; returns logits (len(tokens), V), or (1, V) of the last one. The (1, V)
-        result is a buffer the next step reuses (no allocation per token): copy it to keep it."""
-        tokens = self.model.check_tokens(tokens)
-        self._claim()
-        try:
-            self._switch_rope_if_needed(self.cache.next_pos + len(tokens) - 1)
-            step = min(self.model.prefill_chunk, self.cache.max_chunk)
-            parts = []
-            for start in range(0, len(tokens), step):
-                chunk = tokens[start:start + step]
-                out = np.empty((len(chunk), self._logits.shape[1]), np.float32) if all_logits else self._logits
-                self.model._run(self.cache, chunk, out, all_logits)
-                parts.append(out)
-        finally:
-            self._busy.release()
-        return np.concatenate(parts) if all_logits else self._logits
-
-    def step(self, token: int) -> np.ndarray:
-        """feed([token]) without the per-call conversions: the decode loop's hot path."""
-        if not 0 <= token < self.model.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.model.config.vocab_size})")
-        self._claim()
-        try:
-            self._switch_rope_if_needed(self.cache.next_pos)
-            self._token1[0] = token
-            self.model._run(self.cache, self._token1, self._logits, False)
-        finally:
-            self._busy.release()
-        return self._logits
-
-    def _claim(self) -> None:
-        if not self._busy.acquire(blocking=False):
-            raise EdgephiError("this sequence (or chat session) is already stepping in another thread; "
-                               "give each thread a sequence or chat session of its own")
-
-    def _switch_rope_if_needed(self, last_position: int) -> None:
-        """Crossing original_max_position_embeddings: keys cached with the short LongRoPE factors
-        are recomputed with the long ones, as transformers does when it drops its cache there."""
-        cfg, cache = self.model.config, self.cache
-        if cache.long_rope or cfg.rope_scaling is None or last_position + 1 <= cfg.original_max_position_embeddings:
-            return
-        tokens, positions, _ = cache.cached_tokens()
-        cache.long_rope = True
-        end = cache.next_pos
-        cache.slot_pos[:] = -1
-        step = min(self.model.prefill_chunk, cache.max_chunk)
-        # replay runs of consecutive positions (the kept prefix, then the ring) into the same slots
-        breaks = np.nonzero(np.diff(positions) != 1)[0] + 1
-        for run_tokens, run_positions in zip(np.split(tokens, breaks), np.split(positions, breaks)):
-            for start in range(0, len(run_tokens), step):
-                cache.next_pos = int(run_positions[start])
-                self.model._run(cache, run_tokens[start:start + step], self._logits, False)
-        cache.next_pos = end
-
+    def __init__(self, cfg: ModelConfig, capacity: int, sinks: int, dtype: str):
+        super().__init__(cfg, capacity, sinks=sinks, dtype=dtype)
+        self.logits = np.zeros((1, cfg.vocab_size), np.float32)  # (1, V): the result of every step
+        self.token = np.zeros(1, np.int64)  # (1,): the token a decode step feeds

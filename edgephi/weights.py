@@ -1,30 +1,20 @@
-"""Model weights, memory-mapped from weights.safetensors and arranged as kernel arguments."""
+"""Model weights, memory-mapped from weights.safetensors and arranged as the forward pass's
+records (records.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numba import njit, typed
 
-from . import jit_cache  # noqa: F401  (numba's cache folder)
-
 from .errors import ModelFormatError
-from .format import WEIGHTS_FILE, ModelConfig, expected_shape
+from .format import WEIGHTS_FILE, ModelConfig, expected_shape, layer_tensor
+from .isa import Isa
 from .quant import FORMATS, QuantFormat, check_finite, plane_key, plane_layout
+from .records import Layer, Linear, Rope, Transformer, linear_from_planes, readonly
+from .rope import inverse_frequencies
 from .safetensors_io import SafetensorsFile
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)  # a plain ndarray view of the map: numba does not take np.memmap
-    a.setflags(write=False)  # every weight array has one numba type, mapped or not
-    return a
-
-
-EMPTY_U8 = _readonly(np.zeros((0, 0), np.uint8))
-EMPTY_U16 = _readonly(np.zeros((0, 0), np.uint16))
-EMPTY_F32 = _readonly(np.zeros((0, 0), np.float32))
 
 
 @njit(cache=True)
@@ -39,19 +29,6 @@ def _list_of(first):
 @njit(cache=True)
 def _append(items, item):
     items.append(item)
-
-
-@dataclass
-class Weights:
-    embed: tuple  # linear-weight tuples, see kernels.py
-    output: tuple
-    norm: np.ndarray  # (D,)
-    attn_norms: typed.List  # L x (D,)
-    ffn_norms: typed.List
-    qkv: typed.List  # L x linear-weight tuple
-    o: typed.List
-    gate_up: typed.List
-    down: typed.List
 
 
 def read_planes(st: SafetensorsFile, cfg: ModelConfig, name: str) -> tuple[QuantFormat, dict[str, np.ndarray]]:
@@ -84,7 +61,9 @@ def expected_keys(cfg: ModelConfig) -> set[str]:
             for plane in plane_layout(FORMATS[cfg.tensors[name]["format"]], tuple(cfg.tensors[name]["shape"]))}
 
 
-def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
+def load_transformer(folder: Path, cfg: ModelConfig, isa: Isa) -> Transformer:
+    """The model's record for forward(): its weights mapped from the folder's weights file, each
+    tensor checked against the recipe and for NaN/Inf scales and float values."""
     path = Path(folder) / WEIGHTS_FILE
     if not path.exists():
         raise ModelFormatError(f"{path}: missing")
@@ -99,32 +78,31 @@ def load_weights(folder: Path, cfg: ModelConfig) -> Weights:
         check_finite(path, name, planes)
         return fmt, planes
 
-    def matrix(name):
+    def matrix(name) -> Linear:
         fmt, planes = checked_planes(name)
-        if fmt.name == "f32":
-            return (fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, _readonly(planes[""]))
-        if fmt.name == "f16":
-            return (fmt.ggml_type, EMPTY_U8, _readonly(planes[""].view(np.uint16)), EMPTY_U16, EMPTY_F32)
-        m = _readonly(planes["m"].view(np.uint16)) if fmt.name == "q4_1" else EMPTY_U16
-        return (fmt.ggml_type, _readonly(planes["qs"].view(np.uint8)), _readonly(planes["d"].view(np.uint16)), m,
-                EMPTY_F32)
+        return linear_from_planes(fmt.name, planes)
 
-    def vector(name):
+    def vector(name) -> np.ndarray:
         fmt, planes = checked_planes(name)
         if fmt.name != "f32":
             raise ModelFormatError(f"{path}: tensor {name!r} is {fmt.name}, not f32")
-        return _readonly(planes[""])
+        return readonly(planes[""])
 
-    def per_layer(kind, load):
-        items = _list_of(load(f"layers.0.{kind}"))
-        for i in range(1, cfg.num_layers):
-            _append(items, load(f"layers.{i}.{kind}"))
-        return items
+    def layer(i) -> Layer:
+        return Layer(attn_norm=vector(layer_tensor(i, "attn_norm")), qkv=matrix(layer_tensor(i, "qkv")),
+                     o=matrix(layer_tensor(i, "o")), ffn_norm=vector(layer_tensor(i, "ffn_norm")),
+                     gate_up=matrix(layer_tensor(i, "gate_up")), down=matrix(layer_tensor(i, "down")))
 
+    layers = _list_of(layer(0))
+    for i in range(1, cfg.num_layers):
+        _append(layers, layer(i))
     embed = matrix("embed")
-    return Weights(
-        embed=embed, output=embed if cfg.tie_word_embeddings else matrix("output"), norm=vector("norm"),
-        attn_norms=per_layer("attn_norm", vector), ffn_norms=per_layer("ffn_norm", vector),
-        qkv=per_layer("qkv", matrix), o=per_layer("o", matrix), gate_up=per_layer("gate_up", matrix),
-        down=per_layer("down", matrix),
-    )
+    scaling = cfg.rope_scaling
+    short = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, scaling.short_factor if scaling else None)
+    long = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta, scaling.long_factor) if scaling else short
+    rope = Rope(short=short, long=long, attention_factor=np.float32(scaling.attention_factor if scaling else 1.0),
+                rotary_dim=cfg.rotary_dim)
+    return Transformer(isa=isa, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                       eps=np.float32(cfg.rms_norm_eps), window=cfg.sliding_window or 0, rope=rope, embed=embed,
+                       layers=layers, norm=vector("norm"),
+                       output=embed if cfg.tie_word_embeddings else matrix("output"))

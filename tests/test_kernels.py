@@ -7,42 +7,40 @@ activations (checked exactly against its own numpy twin), nothing more.
 """
 
 import math
+import re
 import zlib
 
 import numpy as np
 import pytest
+from edgephi.convert.quantize import quantize
 from gguf import GGMLQuantizationType as GT
 from gguf import quants as gguf_quants
 from numba import njit
 
-from edgephi import kernels, simd
-from edgephi.quant import FORMATS, dequantize, quantize
+from edgephi import float16, isa_ops, kernels, matmul
+from edgephi.isa import ISAS, choose_isa, runnable_isas
+from edgephi.isa_ops import OP_SETS
+from edgephi.quant import FORMATS, dequantize
+from edgephi.records import activations, linear_from_planes
 
 FORMAT_NAMES = ["f32", "f16", "q4_0", "q4_1", "q8_0"]
 GGML = {"q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q8_0": GT.Q8_0}
 
 
+HOST = choose_isa()  # what load() picks here (EDGEPHI_ISA may force another)
+RUNNABLE = [isa.name for isa in runnable_isas()]  # every instruction set this CPU executes
+
+
 def ro(a):
-    """Read-only contiguous copy, as edgephi.weights._readonly hands weights to the kernels."""
+    """Read-only contiguous copy, as the weights loader hands weights to the kernels."""
     a = np.ascontiguousarray(a).copy()
     a.setflags(write=False)
     return a
 
 
-E_U8 = ro(np.zeros((0, 0), np.uint8))
-E_U16 = ro(np.zeros((0, 0), np.uint16))
-E_F32 = ro(np.zeros((0, 0), np.float32))
-
-
-def weight_tuple(planes, name):
-    """quant planes -> the kernels' (fmt, qs, s, m, f) tuple, built as edgephi/weights.py does."""
-    fmt = FORMATS[name]
-    if name == "f32":
-        return (fmt.ggml_type, E_U8, E_U16, E_U16, ro(planes[""].astype(np.float32)))
-    if name == "f16":
-        return (fmt.ggml_type, E_U8, ro(planes[""].view(np.uint16)), E_U16, E_F32)
-    m = ro(planes["m"].view(np.uint16)) if name == "q4_1" else E_U16
-    return (fmt.ggml_type, ro(planes["qs"].view(np.uint8)), ro(planes["d"].view(np.uint16)), m, E_F32)
+def weight_record(planes, name):
+    """quant planes -> the kernels' records.Linear, built as edgephi/weights.py does."""
+    return linear_from_planes(name, {plane: ro(a) for plane, a in planes.items()})
 
 
 def random_matrix(rng, rows, cols):
@@ -55,7 +53,7 @@ def random_matrix(rng, rows, cols):
 def _widen_all(bits):
     out = np.empty(bits.shape[0], np.float32)
     for i in range(bits.shape[0]):
-        out[i] = kernels.f16_to_f32(bits[i])
+        out[i] = float16.f16_to_f32(bits[i])
     return out
 
 
@@ -112,11 +110,11 @@ def int16_reading_bound(W, x):
 def test_linear_matches_dequantize_then_matmul(name, T, N, K):
     rng = np.random.default_rng(zlib.crc32(f"{name}-{T}-{N}-{K}".encode()))
     planes = quantize(random_matrix(rng, N, K), FORMATS[name])
-    w = weight_tuple(planes, name)
+    w = weight_record(planes, name)
     # a nonzero mean makes the per-block sums of x (q4's folded -8 offset and q4_1 minimum) matter
     x = (rng.standard_normal((T, K)) + 0.5).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)  # the kernel must write every element
-    kernels.linear(w, x, out, kernels.activation_scratch(8, K))
+    matmul.linear(HOST, w, x, out, activations(8, K))
 
     W = dequantize(planes, FORMATS[name])
     ref = x.astype(np.float64) @ W.astype(np.float64).T
@@ -133,12 +131,12 @@ def test_quantize_activations_matches_twin():
     rng = np.random.default_rng(21)
     x = (rng.standard_normal(256) * np.repeat(np.exp(rng.uniform(-4, 4, 8)), 32)).astype(np.float32)
     x[64:96] = 0.0  # an all-zero block has scale 0, not NaN
-    xq, xb, xd, xs = (a[0] for a in kernels.activation_scratch(1, 256))
-    kernels.quantize_activations(x, xq, xb, xd, xs)
+    xq, xb, xd, xs = (a[0] for a in activations(1, 256))
+    matmul.quantize_activations(HOST, x, xq, xb, xd, xs)
     want_q, want_d, want_s = quantize_activations_twin(x)
     assert np.abs(xq.astype(np.int32) - want_q).max() <= 1  # fastmath may round x * inv one way or the other
     assert np.array_equal(xq[64:96], np.zeros(32, np.int16))
-    if simd.USE_VNNI:  # the byte copy only the VNNI q4 dots read
+    if OP_SETS[HOST.name].pair_bytes:  # the byte copy only the VNNI q4 dots read
         assert np.array_equal(xb, pair_bytes_twin(xq))
     else:
         assert not xb.any()
@@ -152,11 +150,15 @@ def test_quantize_activations_matches_twin():
 def test_quantized_linear_is_exact_on_int16_activations(name, N, K, T):
     """Given the int16 activations, the block dots of quantized weights are exact integer work: the
     kernel equals the float64 product of the dequantized weights with the dequantized activations."""
+    check_exact_on_int16_activations(HOST, name, N, K, T)
+
+
+def check_exact_on_int16_activations(isa, name, N, K, T):
     rng = np.random.default_rng(zlib.crc32(f"exact-{name}-{N}-{K}-{T}".encode()))
     planes = quantize(random_matrix(rng, N, K), FORMATS[name])
     x = (rng.standard_normal((T, K)) * 3 + 1).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)
-    kernels.linear(weight_tuple(planes, name), x, out, kernels.activation_scratch(T, K))
+    matmul.linear(isa, weight_record(planes, name), x, out, activations(T, K))
 
     W = dequantize(planes, FORMATS[name]).astype(np.float64)
     for t in range(T):
@@ -180,7 +182,7 @@ def test_linear_twin_is_ggufs_dequantize(name):
     # and the decode (T = 1) kernel against gguf's matrix directly
     x = (rng.standard_normal((1, 96)) + 0.5).astype(np.float32)
     out = np.full((1, 37), np.nan, np.float32)
-    kernels.linear(weight_tuple(quantize(w, FORMATS[name]), name), x, out, kernels.activation_scratch(8, 96))
+    matmul.linear(HOST, weight_record(quantize(w, FORMATS[name]), name), x, out, activations(8, 96))
     ref = x.astype(np.float64) @ theirs.astype(np.float64).reshape(37, 96).T
     allowed = FLOAT_SUM_BUDGET * np.linalg.norm(ref) + int16_reading_bound(theirs.reshape(37, 96), x)
     assert np.all(np.abs(out - ref) <= allowed)
@@ -190,14 +192,14 @@ def test_linear_decode_and_prefill_agree_on_a_row():
     """Row t of a T = 5 product equals the T = 1 product of x[t] (same weights, both paths)."""
     rng = np.random.default_rng(5)
     planes = quantize(random_matrix(rng, 37, 64), FORMATS["q4_0"])
-    w = weight_tuple(planes, "q4_0")
+    w = weight_record(planes, "q4_0")
     W = dequantize(planes, FORMATS["q4_0"])
     x = rng.standard_normal((5, 64)).astype(np.float32)
     full = np.zeros((5, 37), np.float32)
-    kernels.linear(w, x, full, kernels.activation_scratch(8, 64))
+    matmul.linear(HOST, w, x, full, activations(8, 64))
     for t in range(5):
         one = np.zeros((1, 37), np.float32)
-        kernels.linear(w, np.ascontiguousarray(x[t:t + 1]), one, kernels.activation_scratch(8, 64))
+        matmul.linear(HOST, w, np.ascontiguousarray(x[t:t + 1]), one, activations(8, 64))
         allowed = 2 * FLOAT_SUM_BUDGET * np.abs(full[t]).max() + int16_reading_bound(W, x[t:t + 1])[0]
         assert np.all(np.abs(one[0] - full[t]) <= allowed)
 
@@ -213,7 +215,7 @@ def test_embed_rows_is_dequantized_rows(name):
     planes = quantize(random_matrix(rng, V, D), FORMATS[name])
     tokens = np.array([0, 22, 7, 7, 13], np.int64)
     out = np.full((len(tokens), D), np.nan, np.float32)
-    kernels.embed_rows(weight_tuple(planes, name), tokens, out)
+    matmul.embed_rows(weight_record(planes, name), tokens, out)
     assert np.array_equal(out, dequantize(planes, FORMATS[name])[tokens])
 
 
@@ -224,7 +226,7 @@ def test_embed_rows_float_formats_any_width(name):
     planes = quantize(random_matrix(rng, 9, 40), FORMATS[name])
     tokens = np.array([8, 0, 3], np.int64)
     out = np.full((3, 40), np.nan, np.float32)
-    kernels.embed_rows(weight_tuple(planes, name), tokens, out)
+    matmul.embed_rows(weight_record(planes, name), tokens, out)
     assert np.array_equal(out, dequantize(planes, FORMATS[name])[tokens])
 
 
@@ -327,7 +329,7 @@ def test_rope_partial_rotary_and_attention_factor(H, Hk, Dh, R, factor):
 def _convert_all(floats):
     out = np.empty(floats.shape[0], np.uint16)
     for i in range(floats.shape[0]):
-        out[i] = kernels.f32_to_f16(floats[i])
+        out[i] = float16.f32_to_f16(floats[i])
     return out
 
 
@@ -348,7 +350,7 @@ def test_f32_to_f16_matches_numpy():
     sub_ties = []
     for e in range(103, 113):  # subnormal halves: 126 - e low bits of the significand are dropped
         shift = 126 - e
-        for upper in range(0, 1 << min(23 - shift, 8)):
+        for upper in range(1 << min(23 - shift, 8)):
             sub_ties.append((e << 23) | (upper << shift) | (1 << (shift - 1)))
     anything = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
     bits = np.concatenate([special, around, ties, np.array(sub_ties, np.uint32), anything])
@@ -524,37 +526,71 @@ def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-SIMD_TARGETS = {  # the block-dot code paths simd.py has, each forced through numba's target CPU
-    "plain IR": ("ivybridge", "+avx,+f16c,+sse4.2,+popcnt", "False False False"),
-    "avx2": ("haswell", "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt", "True False False"),
-    "avx512 without vnni": ("skylake-avx512", "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512dq",
-                            "True True False"),
+@pytest.mark.parametrize("isa", [name for name in RUNNABLE if name != HOST.name])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("N,K", [(37, 96), (130, 512)])
+@pytest.mark.parametrize("T", [1, 7])  # decode; a tile of four and three single tokens
+def test_quantized_linear_exact_on_every_isa_the_host_runs(isa, name, N, K, T):
+    """Each other instruction set's block dots, compiled in this process beside the host's (the ISA
+    is an argument type), held to the same exactness (the host's runs in the test above)."""
+    check_exact_on_int16_activations(ISAS[isa], name, N, K, T)
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+def test_activation_bytes_only_where_the_isa_reads_them(isa):
+    """The pair-order byte copy of the activations is written exactly where the ISA has pair dots,
+    and matches the layout's numpy twin there."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal(160) * 4).astype(np.float32)  # five blocks: two pairs and an odd one
+    xq, xb, xd, xs = (a[0] for a in activations(1, 160))
+    matmul.quantize_activations(ISAS[isa], x, xq, xb, xd, xs)
+    if OP_SETS[isa].pair_bytes:
+        assert np.array_equal(xb, pair_bytes_twin(xq))
+        assert np.array_equal(xb, isa_ops.pair_bytes_twin(xq))
+    else:
+        assert not xb.any()
+
+
+# what each instruction set's code must contain, compiled for a CPU that has it (any host)
+ASSEMBLY_TARGETS = {
+    "generic": ("x86_64-unknown-linux-gnu", "ivybridge", "+avx,+f16c", []),
+    "avx2": ("x86_64-unknown-linux-gnu", "haswell", "+avx2,+f16c,+fma", ["vpmaddwd .*%ymm"]),
+    "avx512": ("x86_64-unknown-linux-gnu", "skylake-avx512", "+avx512f,+avx512bw,+f16c", ["vpmaddwd .*%zmm"]),
+    "avx512-vnni": ("x86_64-unknown-linux-gnu", "icelake-server", "+avx512f,+avx512bw,+avx512vnni,+f16c",
+                    ["vpdpbusd .*%zmm"]),
+    "generic-arm": ("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod", ["smlal v"]),
 }
 
 
-def _host_runs(features: str) -> bool:
+def row_dot_assembly(isa, name, triple, cpu, features):
     import llvmlite.binding as llvm
-    host = llvm.get_host_cpu_features()
-    return all(host.get(f.lstrip("+"), False) for f in features.split(","))
+    from llvmlite import ir
+
+    from edgephi.row_dot import standalone_row_dot
+
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    module = ir.Module()
+    module.triple = triple
+    standalone_row_dot(module, isa, name)
+    parsed = llvm.parse_assembly(str(module))
+    parsed.verify()
+    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
+    builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
+    builder.getModulePassManager().run(parsed, builder)
+    return machine.emit_assembly(parsed)
 
 
-@pytest.mark.parametrize("target", sorted(t for t, (_, features, _) in SIMD_TARGETS.items() if _host_runs(features)))
-def test_quantized_linear_exact_on_the_other_simd_paths(target, tmp_path):
-    """The host runs only one of simd.py's paths; the others its CPU can execute are compiled for an
-    older CPU in a child process (its own numba cache) and held to the same exactness test."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    cpu, features, flags = SIMD_TARGETS[target]
-    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, EDGEPHI_CACHE=str(tmp_path))
-    script = ("import sys, pytest\nfrom edgephi import simd\n"
-              "print('paths', simd.USE_AVX2, simd.USE_AVX512, simd.USE_VNNI)\n"
-              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_kernels.py', '-k',"
-              " 'exact_on_int16 and (96 or 512)']))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert f"paths {flags}" in proc.stdout
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "18 passed" in proc.stdout
+@pytest.mark.parametrize("isa", sorted(ASSEMBLY_TARGETS))
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+def test_every_isa_compiles_for_its_cpu(isa, name):
+    """Every operation set builds valid code for a CPU of its own, whatever the host: the Arm path
+    through LLVM's AArch64 backend (llvmlite carries it), the x86 ones for CPUs this one may not be."""
+    triple, cpu, features, wanted = ASSEMBLY_TARGETS[isa]
+    asm = row_dot_assembly(isa, name, triple, cpu, features).replace("\t", " ")
+    for instruction in wanted:
+        if instruction.startswith("vpdpbusd") and name == "q8_0":
+            continue  # q8_0 has no pair dots: its blocks are whole bytes already
+        assert re.search(instruction, asm), (isa, name, instruction)
+    if triple.startswith("aarch64"):
+        assert "%xmm" not in asm and "%ymm" not in asm and "%zmm" not in asm

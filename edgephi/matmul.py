@@ -1,0 +1,174 @@
+"""Linear layers in jitted code: out = x @ W.T for every format of records.Linear.
+
+Quantized weights meet activations quantized to int16 per block of 32 (quantize_activations) in
+the IR row dots of row_dot.py; float weights are widened row by row. Each has a numpy twin in
+tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .float16 import f16_to_f32
+from .isa_ops import PAIR_BYTES, pair_byte_index
+from .quant import FORMATS
+from .row_dot import TILE_TOKENS, row_dot, tile_dot
+
+F32, F16, Q4_0, Q4_1, Q8_0 = (FORMATS[name].ggml_type for name in ("f32", "f16", "q4_0", "q4_1", "q8_0"))
+
+# Kernels with prange loops (and callers of them) are not cached on their own: numba's cached code
+# for a function that calls another cached parallel kernel can hold a null pointer to that
+# kernel's gufunc when the two were compiled in different processes (seen here as a segfault
+# in forward). forward() is cached and compiles them in-process, so its cache is whole.
+CACHE_PARALLEL = False
+TOKEN_BLOCK_BYTES = 192 * 1024  # int16 activations per token block: stays in a core's L2 while rows stream
+
+
+@njit(cache=True, fastmath=True)
+def quantize_activations(isa, x, xq, xb, xd, xs):
+    """x (K,) float32 -> x_hat[32b + j] = xq[32b + j] * xd[b] with xq int16 and xs[b] = sum_j x_hat[32b + j].
+    The block sums are of x_hat, not x: then a q4 row's error is W . (x_hat - x), with no extra
+    term from its uncentered nibbles. Where the ISA has pair dots, xb (2K,) holds each full pair of
+    blocks' xq again as bytes in isa_ops' PAIR_ORDER: the low bytes, then the high bytes."""
+    n_blocks = x.shape[0] // 32
+    for b in range(n_blocks):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[b * 32 + j]))
+        inv = np.float32(32767.0) / amax if amax > 0 else np.float32(0.0)
+        total = 0
+        for j in range(32):
+            q = np.int16(round(x[b * 32 + j] * inv))
+            xq[b * 32 + j] = q
+            total += q
+            if isa.pair_bytes and b < n_blocks - n_blocks % 2:
+                at = pair_byte_index(b, j)
+                xb[at] = np.uint8(q & 255)
+                xb[at + PAIR_BYTES // 2] = np.uint8((q >> 8) & 255)
+        xd[b] = amax / np.float32(32767.0)
+        xs[b] = np.float32(total) * xd[b]
+
+
+@njit(cache=CACHE_PARALLEL, parallel=True)
+def _quantize_rows(isa, x, act):
+    for t in prange(x.shape[0]):
+        quantize_activations(isa, x[t], act.xq[t], act.xb[t], act.xd[t], act.xs[t])
+
+
+@njit(cache=CACHE_PARALLEL, parallel=True)
+def _matmul_quantized(isa, w, act, out):
+    """out[t, n] = W[n] . x_hat[t], one weight row per task. Decode is nothing but the row dots.
+    Prefill goes in blocks of tokens whose activations fit in L2, so every row reads them from
+    there (with 3072-wide inputs, 256 tokens are 1.5 MB), in tiles of TILE_TOKENS that unpack
+    each block of weights once, then single tokens. One row per task measured faster than tiles
+    of rows with these block dots."""
+    T, N = out.shape
+    if T == 1:
+        for n in prange(N):
+            out[0, n] = row_dot(isa, w, act, n, 0)
+        return
+    K = w.d.shape[1] * 32
+    block = max(TILE_TOKENS, TOKEN_BLOCK_BYTES // (2 * K) // TILE_TOKENS * TILE_TOKENS)
+    for t_start in range(0, T, block):
+        t_stop = min(T, t_start + block)
+        tiled = t_stop - (t_stop - t_start) % TILE_TOKENS
+        for n in prange(N):
+            for t in range(t_start, tiled, TILE_TOKENS):
+                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = tile_dot(isa, w, act, n, t)
+            for t in range(tiled, t_stop):
+                out[t, n] = row_dot(isa, w, act, n, t)
+
+
+@njit(cache=True)
+def dequantize_row(w, n, row):
+    """row[:] = W[n, :] as float32, bit for bit as gguf's dequantize computes it (no fastmath):
+    the one block dequantizer of jitted code (embedding rows, float matmuls)."""
+    K = row.shape[0]
+    if w.format == F32:
+        for k in range(K):
+            row[k] = w.f32[n, k]
+    elif w.format == F16:
+        for k in range(K):
+            row[k] = f16_to_f32(w.f16[n, k])
+    else:
+        for b in range(K // 32):
+            scale = f16_to_f32(w.d[n, b])
+            for j in range(32):
+                if w.format == Q8_0:
+                    v = np.float32(np.int8(w.qs[n, b * 32 + j])) * scale
+                else:
+                    byte = w.qs[n, b * 16 + (j % 16)]
+                    q = np.float32(byte & 15) if j < 16 else np.float32(byte >> 4)
+                    if w.format == Q4_0:
+                        v = (q - np.float32(8.0)) * scale
+                    else:
+                        v = q * scale + f16_to_f32(w.m[n, b])
+                row[b * 32 + j] = v
+
+
+@njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
+def _matmul_float(w, x, out):
+    """out (T, N) = x (T, K) @ W.T: each row of W is widened once, then used for all T tokens."""
+    T, K = x.shape
+    for n in prange(out.shape[1]):
+        row = np.empty(K, np.float32)
+        dequantize_row(w, n, row)
+        for t in range(T):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += row[k] * x[t, k]
+            out[t, n] = acc
+
+
+@njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
+def _matvec_float(w, x, out):
+    K = x.shape[0]
+    for n in prange(out.shape[0]):
+        acc = np.float32(0.0)
+        if w.format == F32:
+            for k in range(K):
+                acc += w.f32[n, k] * x[k]
+        else:
+            for k in range(K):
+                acc += f16_to_f32(w.f16[n, k]) * x[k]
+        out[n] = acc
+
+
+@njit(cache=True)
+def count_nonfinite(x):
+    """NaNs and Infs in a C-contiguous float32 array, read as bits: an integer reduction that
+    vectorises without fastmath (which would assume there are none)."""
+    bits = x.reshape(-1).view(np.uint32)
+    n = 0
+    for i in range(bits.shape[0]):
+        n += (bits[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    return n
+
+
+@njit(cache=CACHE_PARALLEL)
+def linear(isa, w, x, out, act):
+    """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32; returns how many
+    values of x are NaN or Inf. The kernels are fastmath, which assumes there are none and may
+    turn them into zeros: a model whose activations overflow would answer garbage, not fail.
+    act: records.activations(>= T, >= K), where quantized weights read x as int16 per block."""
+    T = x.shape[0]
+    nonfinite = count_nonfinite(x)
+    if w.format == Q4_0 or w.format == Q4_1 or w.format == Q8_0:
+        if T == 1:
+            quantize_activations(isa, x[0], act.xq[0], act.xb[0], act.xd[0], act.xs[0])
+        else:
+            _quantize_rows(isa, x, act)
+        _matmul_quantized(isa, w, act, out)
+    elif T > 1:
+        _matmul_float(w, x, out)
+    else:
+        _matvec_float(w, x[0], out[0])
+    return nonfinite
+
+
+@njit(cache=True)
+def embed_rows(w, tokens, out):
+    """out[t] = row tokens[t] of the embedding matrix, dequantized."""
+    for t in range(tokens.shape[0]):
+        dequantize_row(w, tokens[t], out[t])
