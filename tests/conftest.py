@@ -1,12 +1,72 @@
-"""Session fixtures over tests/fixtures.py: each artifact is built once per run."""
+"""Session fixtures over tests/fixtures.py: each artifact is built once per run.
+
+Each run is hermetic: before any test module (or edgephi) is imported, HOME, the XDG folders and
+EDGEPHI_CACHE point into a fresh temporary folder, removed at the end, so no test reads or writes
+the user's ~/.cache/edgephi (its converted models above all); subprocesses inherit the same.
+Three things stay shared, as they only save time and are checked where they are used:
+- EDGEPHI_KERNEL_CACHE: compiled kernels, in subfolders keyed by a hash of the kernel sources;
+- EDGEPHI_TEST_FIXTURES: tests/fixtures.py's pinned downloads, each checked against its sha256;
+- pip's cache and configuration (PIP_CACHE_DIR, PIP_CONFIG_FILE), for the `pip download`s.
+Each is taken from the environment as the run found it, else from where it lies for that user.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from . import fixtures
+
+def _pip_user_state() -> dict[str, str]:
+    """PIP_CACHE_DIR and PIP_CONFIG_FILE as pip finds them under the original HOME (unless set)."""
+    out = {}
+    try:
+        from pip._internal.configuration import get_configuration_files, kinds
+        from pip._internal.locations import USER_CACHE_DIR
+    except ImportError:  # pip's layout changed: its usual Linux folders
+        base = Path.home()
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or base / ".config")
+        USER_CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or base / ".cache") / "pip")
+        user_files = [str(base / ".pip" / "pip.conf"), str(config / "pip" / "pip.conf")]
+    else:
+        user_files = get_configuration_files()[kinds.USER]
+    if not os.environ.get("PIP_CACHE_DIR"):
+        out["PIP_CACHE_DIR"] = USER_CACHE_DIR
+    if not os.environ.get("PIP_CONFIG_FILE"):
+        # pip reads PIP_CONFIG_FILE in place of the user's files; the last one overrides the others
+        existing = [f for f in user_files if os.path.isfile(f)]
+        if existing:
+            out["PIP_CONFIG_FILE"] = existing[-1]
+    return out
+
+
+def _hermetic_environment() -> Path:
+    from edgephi import user_cache  # os and pathlib only: nothing here caches a folder yet
+
+    shared = {
+        "EDGEPHI_KERNEL_CACHE": str(user_cache.kernel_cache_root()),
+        "EDGEPHI_TEST_FIXTURES": os.environ.get("EDGEPHI_TEST_FIXTURES")
+        or str(user_cache.cache_root() / "test-fixtures"),
+        **_pip_user_state(),
+    }
+    home = Path(tempfile.mkdtemp(prefix="edgephi-tests-"))
+    os.environ.update(shared)
+    os.environ.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
+                      XDG_DATA_HOME=str(home / ".local" / "share"), XDG_STATE_HOME=str(home / ".local" / "state"),
+                      EDGEPHI_CACHE=str(home / ".cache" / "edgephi"))
+    return home
+
+
+HERMETIC_HOME = _hermetic_environment()  # at import: pytest imports this file before any test module
+
+from . import fixtures  # noqa: E402  (after the environment is set)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(HERMETIC_HOME, ignore_errors=True)
 
 
 
@@ -57,3 +117,26 @@ def checkpoint_factory(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(smollm2_gguf) -> Path:
+    """This run's EDGEPHI_CACHE holding the converted default model, as a first `edgephi chat` leaves
+    it: converted once per run from the GGUF fixture, which is the default preset's pinned file."""
+    from edgephi import models
+    from edgephi.convert import convert
+    from edgephi.default_model import default_model_path
+
+    preset = models.default_model()
+    assert fixtures.sha256_file(smollm2_gguf) == preset.pypi["member_sha256"], "not the default model's GGUF"
+    out = default_model_path(preset)
+    if not out.is_dir():
+        convert(smollm2_gguf, out, quant=None, force=True)
+    return Path(os.environ["EDGEPHI_CACHE"])
+
+
+def pytest_itemcollected(item):
+    """A slow test is an integration test too, so that `-m "not integration"` (which replaces
+    addopts' `-m "not slow"`) leaves it out as well."""
+    if item.get_closest_marker("slow"):
+        item.add_marker(pytest.mark.integration)

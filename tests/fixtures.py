@@ -30,7 +30,7 @@ from pathlib import Path
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
 
-from convert.default_model import sha256_file
+from edgephi.default_model import sha256_file
 
 
 # ---------------------------------------------------------------------------
@@ -38,7 +38,11 @@ from convert.default_model import sha256_file
 
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("EDGEPHI_TEST_CACHE") or Path.home() / ".cache/edgephi/test-fixtures")
+    """$EDGEPHI_TEST_FIXTURES, else test-fixtures/ in edgephi's per-user folder. Shared between
+    runs (tests/conftest.py sets the variable before it gives each run a fresh HOME)."""
+    from edgephi.user_cache import cache_root
+
+    path = Path(os.environ.get("EDGEPHI_TEST_FIXTURES") or cache_root() / "test-fixtures")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgephi.tokenizer_files import bytes_to_unicode
+
 ADDRESS_SPACE = 4 << 30  # bytes: a reader that tries to allocate more fails instead of swapping
 TIMEOUT = 60  # seconds per command; a refusal takes one or two
 
@@ -35,10 +37,10 @@ def limit_memory() -> None:
 
 
 def run_convert_limited(args, cwd: Path | None = None):
-    """`python -m convert ARGS` under ADDRESS_SPACE and TIMEOUT -> test_convert_errors.Result."""
+    """`python -m edgephi.convert ARGS` under ADDRESS_SPACE and TIMEOUT -> test_convert_errors.Result."""
     from tests.test_convert_errors import Result
 
-    proc = subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edgephi.convert", *map(str, args)], capture_output=True, text=True,
                           timeout=TIMEOUT, cwd=cwd, preexec_fn=limit_memory)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -149,9 +151,7 @@ class GGUF:
 
 def byte_level_alphabet() -> list[str]:
     """GPT-2's printable stand-in for each of the 256 bytes, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    return list(bytes_to_unicode().values())
 
 
 def _blocks(ggml_type: int, rows: int, cols: int, rng: np.random.Generator) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import fixtures
+pytestmark = pytest.mark.integration  # the CLI in subprocesses, on the real default model
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGEPHI = [sys.executable, "-c", "from edgephi.cli import main; main()"]
@@ -23,18 +23,13 @@ def run(args, *, home, stdin="", timeout=600, cmd=EDGEPHI, env_extra=None):
 
 
 @pytest.fixture(scope="module")
-def home():
-    """An EDGEPHI_CACHE shared by CI runs: the default model is fetched and converted once."""
-    path = fixtures.cache_dir() / "edgephi-home"
-    path.mkdir(exist_ok=True)
-    done = run(["info"], home=path)
-    if done.returncode != 0:  # not converted yet: the first chat does it
-        first = run(["chat", "--max-tokens", "1"], home=path, stdin="hi\n")
-        assert first.returncode == 0, first.stderr
-    return path
+def home(default_model_cache):
+    """This run's EDGEPHI_CACHE, the default model converted in it once (tests/conftest.py)."""
+    return default_model_cache
 
 
-def test_first_run_fetches_converts_and_answers(tmp_path):
+def test_first_run_fetches_converts_and_answers(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEPHI_KERNEL_CACHE", raising=False)  # the kernels too go in the fresh cache
     done = run(["chat"], home=tmp_path, stdin="What is the capital of France?\n")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout

@@ -12,8 +12,10 @@ import numba
 import pytest
 
 import edgephi
-from convert import convert
+from edgephi.convert import convert
 from edgephi.errors import EdgephiError
+
+pytestmark = pytest.mark.integration  # the real SmolLM2 model
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colours are"]

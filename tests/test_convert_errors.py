@@ -5,8 +5,7 @@ file, no traceback anywhere, and nothing written (OUT absent, no `.OUT.partial-<
 `.OUT.old-<pid>` left in OUT's parent). Plus the successful paths that share the machinery:
 a GGUF import, an HF checkpoint quantized to q8_0, and --force replacing an existing OUT.
 
-The tests that fail today show real converter bugs; they sit at the end of the file (so that
-`pytest -x` runs every other case first) under "Known bugs".
+The last section holds the regression tests of converter bugs that were fixed.
 """
 
 from __future__ import annotations
@@ -25,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration  # every case runs the converter's CLI in a subprocess
+
 TIMEOUT = 180  # seconds per command; a normal run takes one or two
 
 # ---------------------------------------------------------------------------
-# Running the command three ways: `python -m convert`, edgephi.cli.main, the console script
+# Running the command three ways: `python -m edgephi.convert`, edgephi.cli.main, the console script
 
 
 def _console_script() -> str | None:
@@ -44,7 +45,7 @@ def _command(launcher: str, args: list[str], prelude: str = "") -> list[str]:
     if launcher == "script" and not prelude and (script := _console_script()):
         return [script, "convert", *args]
     if launcher == "module" and not prelude:
-        return [sys.executable, "-m", "convert", *args]
+        return [sys.executable, "-m", "edgephi.convert", *args]
     return [sys.executable, "-c", prelude + "\nfrom edgephi.cli import main; main()", "convert", *args]
 
 
@@ -88,16 +89,10 @@ def dest(tmp_path) -> Path:
 
 
 def error_line(res: Result, src, out) -> str:
-    """The `Error:` line of a refused command, after the checks every refusal shares.
-
-    The CLI prints a `converting SRC -> OUT` banner on stderr before it opens anything; it is
-    tolerated here (test_stderr_is_exactly_one_line, under Known bugs, is the strict check).
-    """
+    """The `Error:` line of a refused command, after the checks every refusal shares."""
     assert "Traceback" not in res.stdout + res.stderr, res
     assert res.returncode == 1, res
     lines = res.stderr.splitlines()
-    if lines and lines[0] == f"converting {src} -> {out}":
-        lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith("Error: "), res
     return lines[0]
 
@@ -207,7 +202,7 @@ def ckpt(phi3, tmp_path) -> Path:
 
 # GPT-2's printable stand-ins for the 256 bytes, in byte order: a complete byte-level vocabulary.
 def _byte_level_tokens() -> list[str]:
-    from convert.tokenizers import BYTE_DECODER
+    from edgephi.tokenizer_files import BYTE_DECODER
 
     by_byte = {b: c for c, b in BYTE_DECODER.items()}
     return [by_byte[b] for b in range(256)]
@@ -602,7 +597,7 @@ def test_force_replaces_out(cli, phi3, dest):
 # read fails while the partial folder is half written. The hook records what it saw.
 SHRINK_PRELUDE = """
 import json, os
-import convert.pipeline as _pipeline
+import edgephi.convert.pipeline as _pipeline
 _victim, _size, _log = os.environ["T_VICTIM"], int(os.environ["T_SIZE"]), os.environ["T_LOG"]
 _write = _pipeline.SafetensorsWriter.write
 def _write_then_shrink(self, *args, **kwargs):
@@ -676,18 +671,18 @@ def test_hf_checkpoint_q8_0(phi3, dest):
 
 
 # ---------------------------------------------------------------------------
-# Known bugs: each test below fails until the converter or CLI is fixed.
+# Regressions: converter and CLI bugs that were fixed.
 
 
 def test_stderr_is_exactly_one_line(tmp_path, dest):
-    """The CLI prints `converting SRC -> OUT` on stderr before it looks at SRC, so a refusal
-    is two lines, not one."""
+    """The CLI printed `converting SRC -> OUT` on stderr before it looked at SRC, which made a
+    refusal two lines, not one."""
     src, out = tmp_path / "no-such-model", dest / "model"
     res = run_convert([src, out], launcher="module", cwd=tmp_path)
     assert res.returncode == 1 and res.stderr.splitlines() == [f"Error: {src}: no such file or folder"], res
 
 
-# Malformed values that escape as tracebacks instead of one Error line.
+# Malformed values that used to escape as tracebacks instead of one Error line.
 CRASHING_CONFIGS = {
     "zero-attention-heads": lambda c: c.update(num_attention_heads=0),  # ZeroDivisionError
     "architectures-not-a-list": lambda c: c.update(architectures=5),  # TypeError
@@ -717,14 +712,15 @@ def test_malformed_tokenizer_json(case, cli, ckpt, dest):
 
 
 def test_gguf_alignment_zero(cli, tmp_path, dest):
-    """general.alignment = 0: ZeroDivisionError in GGUFFile._parse."""
+    """general.alignment = 0 (once a ZeroDivisionError in GGUFFile._parse)."""
     src, out = tmp_path / "model.gguf", dest / "model"
     src.write_bytes(raw_gguf([("general.alignment", 4, struct.pack("<I", 0))]))
     assert_refused(cli(src, out), src, out, src)
 
 
 def test_failure_mid_write_removes_the_folders_it_created(ckpt, tmp_path):
-    """OUT's missing parents are created before writing and stay behind after a failure."""
+    """OUT's missing parents are created before writing, and removed again after a failure
+    (they used to stay behind)."""
     out = tmp_path / "new" / "deeper" / "model"
     res, victim = _shrink_mid_write(ckpt, out, tmp_path)
     error_line(res, ckpt, out)

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
 from gguf import quants as gguf_quants
 
-from convert import convert
+from edgephi.convert import convert
 from edgephi.format import read_config
 from tests.test_convert_hf import reference_weights, stored_weights, weights_by_edgephi_name
 
@@ -31,6 +31,7 @@ def smollm2_transformers(smollm2_gguf):
     return model
 
 
+@pytest.mark.integration
 def test_import_copies_blocks_bit_for_bit(smollm2, smollm2_gguf):
     out, report = smollm2
     assert all(t.lossless for t in report.tensors if t.format != "f32")
@@ -51,6 +52,7 @@ def test_import_copies_blocks_bit_for_bit(smollm2, smollm2_gguf):
     assert np.array_equal(ours["layers.0.attn_norm"], blocks["blk.0.attn_norm.weight"])
 
 
+@pytest.mark.integration
 def test_import_matches_transformers_gguf_loader(smollm2, smollm2_transformers):
     """transformers dequantizes with gguf-py and reverses llama.cpp's Q/K permutation itself."""
     out, _ = smollm2
@@ -60,6 +62,7 @@ def test_import_matches_transformers_gguf_loader(smollm2, smollm2_transformers):
         assert np.array_equal(ours[name], ref[name]), name
 
 
+@pytest.mark.integration
 def test_config_matches_transformers_gguf_loader(smollm2, smollm2_transformers):
     ours, cfg = read_config(smollm2[0]), smollm2_transformers.config
     assert ours.architecture == "llama"
@@ -72,6 +75,7 @@ def test_config_matches_transformers_gguf_loader(smollm2, smollm2_transformers):
     assert ours.rotary_dim == ours.head_dim == 64
 
 
+@pytest.mark.integration
 def test_requantizing_a_gguf(smollm2_gguf, smollm2, tmp_path):
     """--quant q8_0 on a Q4_1 file: the reference is gguf's quantize() of gguf's dequantize()."""
     convert(smollm2_gguf, tmp_path / "m", quant="q8_0")

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 from safetensors.numpy import load_file
 
-from convert import convert
+from edgephi.convert import convert
 from edgephi.format import read_config
 from edgephi.quant import FORMATS, dequantize
 from tests.fixtures import VARIANTS
@@ -124,6 +124,7 @@ def test_config_matches_transformers(checkpoint_factory, tmp_path, variant, hub_
         assert ours.rope_scaling is None
 
 
+@pytest.mark.integration
 def test_generation_file_lists_every_end_of_turn_id(checkpoint_factory, tmp_path):
     src = checkpoint_factory("phi3_basic", tokenizer="phi4")
     convert(src, tmp_path / "m", quant="q4_0")
@@ -142,8 +143,9 @@ def test_single_file_checkpoint(checkpoint_factory, tmp_path):
     assert all(np.array_equal(ours[k], ref[k]) for k in ref)
 
 
+@pytest.mark.integration
 def test_preset_sets_template_stops_and_quant(checkpoint_factory, tmp_path):
-    import models
+    from edgephi import models
 
     src = checkpoint_factory("phi3_longrope", tokenizer="phi4_mini")
     report = convert(src, tmp_path / "m", quant=None, preset="phi-4-mini-instruct")

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from convert.staging import MARKER, marker_text
+from edgephi.convert.staging import MARKER, marker_text
 from tests.test_convert_errors import (  # noqa: F401  (ckpt, cli, dest, phi3: fixtures used here)
     TIMEOUT, _command, assert_refused, ckpt, cli, clone, dest, error_line, phi3, run_convert, write_tiny_gguf)
+
+pytestmark = pytest.mark.integration  # the converter's CLI in subprocesses
 
 MODEL_FILES = {"config.json", "weights.safetensors", "tokenizer.json", "tokenizer.tiktoken", "generation.json"}
 
@@ -179,7 +181,7 @@ def test_next_run_removes_only_dead_runs_marked_folders(cli, phi3, dest):
 # "ignore" starts the command as nohup would; "default" as a terminal does, whatever pytest inherited.
 PAUSE_PRELUDE = """
 import os, signal, time
-import convert.pipeline as _pipeline
+import edgephi.convert.pipeline as _pipeline
 signal.signal(signal.SIGHUP, signal.SIG_IGN if os.environ["T_SIGHUP"] == "ignore" else signal.SIG_DFL)
 _write, _ready = _pipeline.SafetensorsWriter.write, os.environ["T_READY"]
 def _write_then_pause(self, *args, **kwargs):
@@ -272,7 +274,7 @@ def assert_export_refused(done, out: Path, says: str) -> None:
 
 
 def test_export_onnx_force(phi3, tmp_path):
-    from convert.pipeline import convert
+    from edgephi.convert.pipeline import convert
 
     model = tmp_path / "model"
     convert(phi3, model, quant="q4_0")

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 import edgephi
-from convert import convert
+from edgephi.convert import convert
 from tests.fixtures import VARIANTS, hf_logits, random_ids, rel_err
 
 torch = pytest.importorskip("torch")
@@ -62,7 +62,7 @@ def test_prefill_in_scratch_bounded_chunks_matches_transformers(float_models, va
     monkeypatch.setattr(edgephi.model, "PREFILL_SCRATCH_BYTES", 1)
     monkeypatch.setattr(edgephi.model, "MIN_PREFILL_CHUNK", 16)
     assert edgephi.model.prefill_chunk_tokens(model.config) == 16
-    monkeypatch.setattr(model, "prefill_chunk", 16)
+    monkeypatch.setattr(model.backend, "prefill_chunk", 16)
     ids = random_ids(48, seed=3)
     sequence = model.sequence()
     last = sequence.feed(ids).copy()
@@ -115,6 +115,7 @@ def smollm2(smollm2_gguf, tmp_path_factory):
     return edgephi.load(out), ref
 
 
+@pytest.mark.integration
 def test_smollm2_matches_transformers(smollm2):
     model, ref = smollm2
     ids = model.tokenizer.encode("<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n"

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from convert import convert
+from edgephi.convert import convert
+
+pytestmark = pytest.mark.integration  # a fuzzer in a subprocess
 
 ITERATIONS = int(os.environ.get("EDGEPHI_FUZZ_CONFIG_ITERATIONS", "150"))
 SEED = int(os.environ.get("EDGEPHI_FUZZ_SEED", "12"))

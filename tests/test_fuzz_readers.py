@@ -37,7 +37,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.pipeline import open_source
+import pytest
+
+from edgephi.convert.pipeline import open_source
 from edgephi.errors import EdgephiError
 from tests.hostile import (ADDRESS_SPACE, ARRAY, BOOL, F32, F64, I32, I64, STRING, U8, U32, U64, GGUF,
                            limit_memory, tiny_model)
@@ -412,6 +414,7 @@ def run_worker(seeds: Path, work: Path, seed: int, iterations: int) -> Run:
 # pytest
 
 
+@pytest.mark.integration
 def test_readers_survive_mutations(checkpoint_factory, tmp_path):
     seeds = build_seeds(tmp_path / "seeds", checkpoint_factory("phi3_basic"))
     run = run_worker(seeds, tmp_path / "work", FUZZ_SEED, FUZZ_ITERATIONS)

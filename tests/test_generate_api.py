@@ -14,7 +14,7 @@ import jinja2
 import pytest
 
 import edgephi
-from convert import convert
+from edgephi.convert import convert
 from edgephi.generate import GenerationStats, text_stream
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -237,16 +237,11 @@ def test_stop_string_sets_finish_reason_stop(model):
 
 
 def _byte_pieces(hf):
-    """Each id's bytes, from the byte-level BPE vocabulary of tokenizer.json (GPT-2's byte map)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    unicode_to_byte = {chr(c): b for b, c in zip(bs, cs)}
+    """Each id's bytes, from the byte-level BPE vocabulary of tokenizer.json (GPT-2's byte map, as
+    transformers has it: an outside reference for edgephi's)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    unicode_to_byte = {c: b for b, c in bytes_to_unicode().items()}
     vocab = hf.get_vocab(with_added_tokens=True)
     pieces = [b""] * (max(vocab.values()) + 1)
     added = {t.content for t in hf.get_added_tokens_decoder().values()}
@@ -355,16 +350,21 @@ def _two_turns(model, hf, generation, u1, u2, **options):
     return cached, ids2, session.last_stats, reply2
 
 
-def test_chat_session_with_replies_reuses_the_cache(model, hf, generation):
-    """When the reply re-renders to the very tokens generated, turn 2 feeds only what follows them."""
+def test_chat_session_with_replies_reuses_the_cache(model, hf, generation, monkeypatch):
+    """When the reply re-renders to the very tokens generated, turn 2 feeds only what follows them.
+
+    Such a reply by design: turn 1's sampler picks, in order, the reference tokenizer's own ids of
+    a chosen text (the model still feeds and caches them); turn 2 samples for real."""
     u1, u2 = "Once upon a time", "and then?"
-    for seed in range(40):  # find a sampled reply whose text re-tokenizes to the generated ids
-        opts = dict(max_new_tokens=4, temperature=0.7, seed=seed)
-        cached, ids2, st2, reply2 = _two_turns(model, hf, generation, u1, u2, **opts)
-        if ids2[:len(cached)] == cached:
-            break
-    else:
-        pytest.fail("precondition: no seed gave a reply that re-tokenizes identically")
+    script = hf_ids(hf, "There was a little dog.")
+    real_sample = edgephi.generate.sample
+    pending = list(script)
+    monkeypatch.setattr(edgephi.generate, "sample",
+                        lambda *args: pending.pop(0) if pending else real_sample(*args))
+    opts = dict(max_new_tokens=len(script), temperature=0.7, seed=0)
+    cached, ids2, st2, reply2 = _two_turns(model, hf, generation, u1, u2, **opts)
+    assert not pending and cached[-(len(script) - 1):] == script[:-1], "precondition: turn 1 replied the script"
+    assert ids2[:len(cached)] == cached, "precondition: the reply re-tokenizes to the generated ids"
     assert st2.prompt_tokens == len(ids2) - len(cached)
     assert st2.fed[:st2.prompt_tokens] == ids2[len(cached):]
     # the kept cache gives what a fresh context gives for the whole conversation

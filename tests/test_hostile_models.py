@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert import convert
+from edgephi.convert import convert
 
 TIMEOUT_S = 60
 ADDRESS_SPACE = 6 << 30  # numba and LLVM reserve about 2 GiB of address space before any work
@@ -319,6 +319,7 @@ CASES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", CASES)
 def test_hostile_model_folder_gives_one_line(case, base_model, tmp_path):
     damage, says, command = CASES[case]

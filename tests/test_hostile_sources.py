@@ -20,6 +20,8 @@ from tests.hostile import ARRAY, BOOL, F32, F64, I32, STRING, U8, U32, U64, run_
 from tests.test_convert_errors import (assert_refused, ckpt, dest, edit_json, header_length, phi3,  # noqa: F401
                                        replace_file, rewrite_header, shards)
 
+pytestmark = pytest.mark.integration  # the converter's CLI in subprocesses
+
 INF, NAN = math.inf, math.nan
 DEEP = "[" * 100_000 + "]" * 100_000  # nested beyond the JSON parser's recursion limit
 

@@ -10,7 +10,7 @@ import pytest
 
 import edgephi
 import edgephi.model
-from convert import convert
+from edgephi.convert import convert
 from edgephi.jit_memory import compiler_mappings
 
 SMAPS = """\
@@ -101,6 +101,7 @@ print(json.dumps([before, dropped, after, sum_of_squares(a), float(np.dot(a, a))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
 def test_release_drops_llvm_pages_and_the_jit_still_compiles():
     done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
@@ -164,6 +165,7 @@ print(json.dumps([hidden, dot(a, a), float(scipy.linalg.norm(a) ** 2)]))
 """
 
 
+@pytest.mark.integration
 def test_numba_initialises_without_scipy_linalg_and_the_app_keeps_it(model_dir):
     pytest.importorskip("scipy")  # only where scipy is installed does numba import it
     done = subprocess.run([sys.executable, "-c", CHILD_SCIPY, str(model_dir)], capture_output=True, text=True,

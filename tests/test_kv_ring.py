@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import edgephi
-from convert import convert
+from edgephi.convert import convert
 from edgephi.generate import token_stream
 from edgephi.kv_cache import KVCache
 from edgephi.sampling import SamplingParams
@@ -22,6 +22,7 @@ def tiny(checkpoint_factory, tmp_path_factory):
     return src, out
 
 
+@pytest.mark.integration
 def test_two_thousand_tokens_through_a_128_slot_ring_in_flat_memory(tiny):
     model = edgephi.load(tiny[1], context=128)
     sequence = model.sequence()
@@ -60,6 +61,7 @@ def test_ring_attention_equals_masked_attention_in_transformers(tiny):
     assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-4
 
 
+@pytest.mark.integration
 def test_chat_keeps_the_system_prompt_when_the_ring_wraps(tiny):
     model = edgephi.load(tiny[1], context=64)
     session = model.chat_session(system="You are terse.", max_new_tokens=30, ignore_eos=True)
@@ -72,6 +74,7 @@ def test_chat_keeps_the_system_prompt_when_the_ring_wraps(tiny):
     assert list(positions[:len(system_ids)]) == list(range(len(system_ids)))
 
 
+@pytest.mark.integration
 def test_ten_thousand_token_chat_in_a_256_slot_ring_keeps_memory_flat(tiny):
     """#12: a long chat costs constant memory (within 5 MB once warm) and keeps its system prompt."""
     model = edgephi.load(tiny[1], context=256)

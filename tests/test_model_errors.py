@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 import edgephi
-from convert import convert
+from edgephi.convert import convert
 from edgephi.chat_template import ChatTemplate
 from edgephi.errors import EdgephiError, ModelFormatError
 

@@ -19,8 +19,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 import edgephi
-from convert.onnx_export import export_onnx, matmulnbits_q4
-from convert.pipeline import convert
+from edgephi.convert.onnx_export import export_onnx, matmulnbits_q4
+from edgephi.convert.pipeline import convert
 from edgephi.onnx_backend import OnnxDecoder
 from tests.fixtures import hf_logits, random_ids, rel_err
 
@@ -150,6 +150,7 @@ def smollm2_onnx(smollm2_gguf, tmp_path_factory):
     return root / "m", root / "onnx", report
 
 
+@pytest.mark.integration
 def test_genai_greedy_tokens_equal_edgephi(smollm2_onnx):
     model_folder, folder, report = smollm2_onnx
     assert report.max_rel_diff < 1e-3 and report.check_tokens > 10
@@ -166,6 +167,7 @@ def test_genai_greedy_tokens_equal_edgephi(smollm2_onnx):
 DIGIT_EDGES = ["a 1", "x\n2", "a  12 b", "x\t\t3", "\n\n9", "٣٤٥ and ²³", "year 2024, page  7", " 1 2  3"]
 
 
+@pytest.mark.integration
 def test_genai_and_hf_tokenizers_read_our_tokenizer_json(smollm2_onnx, text_corpus):
     model_folder, folder, _ = smollm2_onnx
     ours = edgephi.load(model_folder).tokenizer
@@ -182,6 +184,7 @@ def test_genai_and_hf_tokenizers_read_our_tokenizer_json(smollm2_onnx, text_corp
     assert config["model"]["eos_token_id"] == [0, 2] and config["model"]["type"] == "llama"
 
 
+@pytest.mark.integration
 def test_phi4_tokenizers_through_genai_and_hf(checkpoint_factory, tmp_path, text_corpus):
     """cl100k (Phi-4) and o200k (Phi-4-mini) vocabularies through the tokenizer.json we write:
     onnxruntime-genai's and Hugging Face's readings equal edgephi's tiktoken encoding, every text."""
@@ -207,6 +210,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_export_of_a_folder_that_is_not_a_model(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
@@ -216,6 +220,7 @@ def test_export_of_a_folder_that_is_not_a_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_export_of_an_uncovered_architecture(checkpoint_factory, tmp_path):
     src = checkpoint_factory("phi3_basic", "float32")
     convert(src, tmp_path / "m", quant="f32", embed_quant="f32")
@@ -232,6 +237,7 @@ def test_export_of_an_uncovered_architecture(checkpoint_factory, tmp_path):
 # edgephi's onnxruntime backend
 
 
+@pytest.mark.integration
 def test_onnxruntime_backend_chats_like_the_numba_backend(smollm2_onnx):
     """`edgephi chat` on the exported folder: the same two-turn answers as the numba backend,
     through onnxruntime alone (numba is never imported)."""
@@ -251,11 +257,12 @@ def test_onnxruntime_backend_chats_like_the_numba_backend(smollm2_onnx):
     assert replies["onnx"] == replies["numba"]
 
 
+@pytest.mark.integration
 def test_onnxruntime_backend_api_and_bench(smollm2_onnx):
     model_folder, folder, _ = smollm2_onnx
     onnx_model = edgephi.load(folder)
     numba_model = edgephi.load(model_folder)
-    assert onnx_model.backend == "onnxruntime"
+    assert onnx_model.backend.name == "onnxruntime"
     ids = onnx_model.prompt_ids("The sea is")
     assert rel_err(onnx_model.logits(ids), numba_model.logits(ids)) < 1e-3
     assert onnx_model.generate("The sea is", max_new_tokens=12) == numba_model.generate("The sea is", max_new_tokens=12)
@@ -270,6 +277,7 @@ def test_onnxruntime_backend_api_and_bench(smollm2_onnx):
     assert figures["backend"] == "onnxruntime" and figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0
 
 
+@pytest.mark.integration
 def test_onnxruntime_backend_sessions_keep_their_own_context(smollm2_onnx):
     """Interleaved chat streams on one onnxruntime model: each reply equals its conversation run alone."""
     _, folder, _ = smollm2_onnx
@@ -321,6 +329,7 @@ HOSTILE_ONNX = {  # name -> (damage(folder) -> the file the message must name, w
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", HOSTILE_ONNX)
 def test_hostile_onnx_folder_gives_one_line(case, smollm2_onnx, checkpoint_factory, tmp_path):
     _, folder, _ = smollm2_onnx
@@ -337,6 +346,7 @@ def test_hostile_onnx_folder_gives_one_line(case, smollm2_onnx, checkpoint_facto
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", ["phi3_gqa_partial", "phi3_sliding", "phi3_longrope"])
 def test_genai_runs_phi3_exports_like_edgephi(checkpoint_factory, tmp_path, variant):
     """onnxruntime-genai on q4_0 Phi-3-architecture exports (model type phi3, Phi-4-mini's vocabulary):

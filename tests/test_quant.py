@@ -5,7 +5,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as ref
 
-from edgephi.quant import FORMATS, dequantize, planes_from_gguf_blocks, planes_to_gguf_blocks, quantize
+from edgephi.convert.quantize import planes_from_gguf_blocks, planes_to_gguf_blocks, quantize
+from edgephi.quant import FORMATS, dequantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 

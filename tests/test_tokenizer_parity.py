@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from convert import convert
-from convert.tokenizers import spec_from_tokenizer_json
+from edgephi.convert import convert
+from edgephi.convert.tokenizers import spec_from_tokenizer_json
 from edgephi.errors import EdgephiError
 from edgephi.tokenizer import Tokenizer
 
@@ -52,6 +52,7 @@ def has_special_text(text, specials):
     return any(s in text for s in specials)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model", ["phi4", "phi4_mini"])
 def test_matches_hugging_face_tokenizers(model, request, texts):
     src, ours = request.getfixturevalue(model)
@@ -66,6 +67,7 @@ def test_matches_hugging_face_tokenizers(model, request, texts):
     assert mismatches(lambda t: ours.encode(t, allow_special=True), hf_ids, special) == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model,encoding", [("phi4", "cl100k"), ("phi4_mini", "o200k")])
 def test_matches_tiktoken_on_ordinary_text(model, encoding, request, texts):
     _, ours = request.getfixturevalue(model)
@@ -75,6 +77,7 @@ def test_matches_tiktoken_on_ordinary_text(model, encoding, request, texts):
         assert ours.decode(ours.encode(t)) == t
 
 
+@pytest.mark.integration
 def test_special_token_text_stays_text_unless_allowed(phi4, cl100k):
     _, ours = phi4
     text = "<|im_start|>user<|im_sep|>hi<|im_end|>"
@@ -87,6 +90,7 @@ def test_special_token_text_stays_text_unless_allowed(phi4, cl100k):
         100264, 9906, 100266, 4435, 100265, 100349]
 
 
+@pytest.mark.integration
 def test_gguf_tokenizer_matches_llama_cpp(smollm2_gguf, tmp_path, texts):
     llama_cpp = pytest.importorskip("llama_cpp")
     reference = llama_cpp.Llama(str(smollm2_gguf), vocab_only=True, verbose=False)
