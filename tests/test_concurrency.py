@@ -115,13 +115,16 @@ def test_models_keep_their_own_thread_counts(model, monkeypatch):
     one = edgephi.load(model.folder, threads=1, context=64)
     two = edgephi.load(model.folder, threads=2, context=64)
     seen = []
-    real = edgephi.model.forward
 
-    def recording(*args):
-        seen.append(numba.get_num_threads())
-        return real(*args)
+    def recording(real):
+        def run(*args):
+            seen.append(numba.get_num_threads())
+            return real(*args)
+        return run
 
-    monkeypatch.setattr(edgephi.model, "forward", recording)
+    monkeypatch.setattr(edgephi.model, "forward", recording(edgephi.model.forward))  # prefill steps
+    for m in (one, two):  # decode steps call the compiled code directly
+        monkeypatch.setattr(m.backend, "_decode_step", recording(m.backend._decode_step))
     app_count = numba.get_num_threads()
     one.generate("Hi", max_new_tokens=2, ignore_eos=True)
     two.generate("Hi", max_new_tokens=2, ignore_eos=True)
@@ -174,19 +177,22 @@ def test_an_interrupted_reply_leaves_the_next_turn_exact(model, monkeypatch):
     import edgephi.model
 
     session = model.chat_session(max_new_tokens=24)
-    real, calls = edgephi.model.forward, []
+    calls = []
 
-    def interrupted(*args):
-        result = real(*args)
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return result
+    def interrupted(real):
+        def run(*args):
+            result = real(*args)
+            calls.append(1)
+            if len(calls) == 6:
+                raise KeyboardInterrupt
+            return result
+        return run
 
-    monkeypatch.setattr(edgephi.model, "forward", interrupted)
+    monkeypatch.setattr(edgephi.model, "forward", interrupted(edgephi.model.forward))  # prefill steps
+    monkeypatch.setattr(model.backend, "_decode_step", interrupted(model.backend._decode_step))  # decode steps
     with pytest.raises(KeyboardInterrupt):
         session("What is the capital of France?")
-    monkeypatch.setattr(edgephi.model, "forward", real)
+    monkeypatch.undo()
     reply = session("And of Germany?")
     ids = session.template.encode(session.messages[:-1], add_generation_prompt=True)
     assert reply == model.generate(ids, max_new_tokens=24)
