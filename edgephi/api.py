@@ -13,14 +13,8 @@ import numpy as np
 
 from .backend import Backend, check_context, check_tokens
 from .chat import ChatSession, check_messages
-from .generate import (
-    DEFAULT_MAX_NEW_TOKENS,
-    GenerationStats,
-    check_max_new_tokens,
-    check_stop,
-    text_stream,
-    token_stream,
-)
+from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_tokens, check_stop, text_stream,
+                       token_stream)
 from .kv_cache import DEFAULT_SINKS
 from .sampling import SamplingParams
 from .sequence import Sequence

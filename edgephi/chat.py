@@ -8,14 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import EdgephiError
-from .generate import (
-    DEFAULT_MAX_NEW_TOKENS,
-    GenerationStats,
-    check_max_new_tokens,
-    check_stop,
-    text_stream,
-    token_stream,
-)
+from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_tokens, check_stop, text_stream,
+                       token_stream)
 from .sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool")
