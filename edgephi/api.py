@@ -12,10 +12,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from .backend import Backend, check_context, check_tokens
-from .chat import ChatSession, check_messages
+from .chat import ChatSession
 from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_tokens, check_stop, text_stream,
                        token_stream)
 from .kv_cache import DEFAULT_SINKS
+from .messages import check_messages
 from .sampling import SamplingParams
 from .sequence import Sequence
 

@@ -12,17 +12,6 @@ from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_to
                        token_stream)
 from .sampling import SamplingParams
 
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def check_messages(messages) -> list[dict]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}] must be a dict with a role in {ROLES} and a string content")
-    return [dict(m) for m in messages]
-
 
 class ChatSession:
     """A conversation with one model. It owns its KV cache (a sequence of the model), so sessions

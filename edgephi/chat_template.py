@@ -19,7 +19,7 @@ from itertools import chain
 
 from jinja2 import TemplateSyntaxError
 
-from .chat import check_messages
+from .messages import check_messages
 from .errors import EdgephiError
 from .jinja_sandbox import CONTAINERS, Abort, Budget, SandboxEnvironment
 
