@@ -76,6 +76,17 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own reading of the SmolLM2 GGUF (float32, eval mode), built once per run (20 s):
+    read it, never modify it."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def cl100k():
     return fixtures.tiktoken_encoding("cl100k_base")
 

@@ -24,13 +24,6 @@ def smollm2(smollm2_gguf, tmp_path_factory):
     return out, report
 
 
-@pytest.fixture(scope="module")
-def smollm2_transformers(smollm2_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                              dtype=torch.float32)
-    return model
-
-
 @pytest.mark.integration
 def test_import_copies_blocks_bit_for_bit(smollm2, smollm2_gguf):
     out, report = smollm2

@@ -107,12 +107,10 @@ def test_quantized_logits_match_transformers_on_dequantized_weights(checkpoint_f
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf, tmp_path_factory):
+def smollm2(smollm2_gguf, smollm2_transformers, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "m"
     convert(smollm2_gguf, out, quant=None)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                            dtype=torch.float32).eval()
-    return edgephi.load(out), ref
+    return edgephi.load(out), smollm2_transformers
 
 
 @pytest.mark.integration
