@@ -44,8 +44,10 @@ class BenchResult:
         return self.peak_rss_mb - self.weights_file_mb - self.kv_cache_mb
 
     def as_dict(self) -> dict:
-        def rounded(v):
-            return round(v, 4) if isinstance(v, float) else [rounded(x) for x in v] if isinstance(v, list) else v
+        def rounded(v):  # six significant digits: a small figure (a fraction on a busy machine) keeps its precision
+            if isinstance(v, float):
+                return float(f"{v:.6g}")
+            return [rounded(x) for x in v] if isinstance(v, (list, tuple)) else v
         fields = {k: rounded(v) for k, v in asdict(self).items()}
         fields["rss_beyond_model_mb"] = rounded(self.rss_beyond_model_mb)
         return fields
