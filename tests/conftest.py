@@ -62,6 +62,13 @@ def _hermetic_environment() -> Path:
 
 HERMETIC_HOME = _hermetic_environment()  # at import: pytest imports this file before any test module
 
+from edgephi.jit_cache import use_kernel_cache  # noqa: E402
+
+# Kernels that tests call directly cache where load() puts them, keyed by every kernel source (numba's
+# default, beside each file and keyed by that file alone, could hand back code built against an
+# older version of another kernel file).
+use_kernel_cache()
+
 from . import fixtures  # noqa: E402  (after the environment is set)
 
 
