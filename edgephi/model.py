@@ -104,6 +104,8 @@ class NumbaBackend:
 
     def feed(self, cache: SequenceCache, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
         """Append checked tokens (int64 (T,)) in chunks; logits (T, V), or cache.logits (1, V) of the last."""
+        if len(tokens) == 1 and not all_logits:  # feed([token]) decodes as step() does, on the direct call
+            return self.step(cache, int(tokens[0]))
         self._switch_rope_if_needed(cache, cache.next_pos + len(tokens) - 1)
         step = min(self.prefill_chunk, cache.max_chunk)
         parts = []
