@@ -24,13 +24,20 @@ ARRAY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32
                 6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 # the fewest bytes one array element of a string (8: its length) or array (9: type and count) takes
 MIN_ELEMENT_BYTES = {8: 8, 9: 12}
-# ggml type id -> (elements per block, bytes per block) for the types this reader can size
-TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-              9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-              14: (256, 210), 15: (256, 292), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8),
-              28: (1, 8), 30: (1, 2)}
-TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
+# ggml type id -> (name, elements per block, bytes per block): every type ggml defines, so that a
+# file is sized and a type edgephi cannot compute with is refused by name
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
+    28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+TYPE_SIZES = {t: (block, size) for t, (_, block, size) in GGML_TYPES.items()}
+TYPE_NAMES = {t: name for t, (name, _, _) in GGML_TYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -149,7 +156,8 @@ class GGUFFile:
             raise EdgephiError(f"{self.path}: tensor {brief(name)} has a dimension of size 0 {dims}")
         block, size = TYPE_SIZES[gtype]
         if dims[0] % block:
-            raise EdgephiError(f"{self.path}: tensor {brief(name)} rows are not whole blocks")
+            raise EdgephiError(f"{self.path}: tensor {brief(name)} is {TYPE_NAMES[gtype]}, whose rows are blocks "
+                               f"of {block} values, but its rows have {dims[0]}")
         if offset % align:
             raise EdgephiError(f"{self.path}: tensor {brief(name)} data offset {offset} is not {align}-byte aligned")
         nbytes = math.prod(dims) // block * size  # Python ints: a product of four uint64 cannot wrap

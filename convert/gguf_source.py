@@ -9,14 +9,16 @@ import numpy as np
 from edgephi.errors import EdgephiError
 from edgephi.files import Fields, brief, open_regular
 from edgephi.format import ModelConfig, RopeScaling
-from edgephi.quant import FORMAT_BY_GGML_TYPE
+from edgephi.quant import FORMAT_BY_GGML_TYPE, FORMATS
 
 from .gguf_reader import MAGIC, GGUFFile
-from .quantize import planes_from_gguf_blocks
+from .gguf_blocks import planes_from_gguf_blocks
 from .tensors import Part, RowReader, Source
 from .tokenizers import spec_from_gguf
 
 ARCHITECTURES = ("llama", "phi3")
+BF16 = 30  # GGUF's bfloat16 type id
+READABLE = ", ".join([name.upper() for name in FORMATS] + ["BF16"])
 MAX_SIZE = 1 << 31  # far above any model's dimension, context or layer count; far below overflow
 
 
@@ -110,13 +112,18 @@ class GGUFModel(Source):
         if t.shape != tuple(shape):
             raise EdgephiError(f"{self.path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
         rows, cols = shape if len(shape) == 2 else (1, shape[0])
+        reader = RowReader(self.path, t.offset, t.nbytes // rows)
+        if t.ggml_type == BF16:  # kept as float32, which holds every bfloat16 exactly
+            def read_bf16(idx, reader=reader):
+                return (reader(idx).view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+            return Part(rows, cols, read_bf16, fmt=FORMATS["f32"], order=order)
         fmt = FORMAT_BY_GGML_TYPE.get(t.ggml_type)
         if fmt is None:
-            raise EdgephiError(f"{self.path}: tensor {name!r} is {t.type_name}; edgephi reads "
-                               "F32, F16, Q8_0, Q4_0 and Q4_1 GGUF tensors")
+            raise EdgephiError(f"{self.path}: tensor {name!r} is {t.type_name}, which edgephi cannot compute with; "
+                               f"it reads {READABLE} GGUF tensors")
         if len(shape) == 1 and not fmt.is_float:  # norm weights are read as floats, never as blocks
             raise EdgephiError(f"{self.path}: tensor {name!r} is {t.type_name}; a vector must be F32 or F16")
-        reader = RowReader(self.path, t.offset, t.nbytes // rows)
         if fmt.is_float:
             def read_floats(idx, reader=reader, dtype="<f4" if fmt.name == "f32" else "<f2"):
                 return reader(idx).view(dtype).astype(np.float32)

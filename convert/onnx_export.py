@@ -74,7 +74,7 @@ def linear(g: Graph, x: str, name: str, fmt: str, planes: dict, in_features: int
     weights multiply int8-quantized activations (MatMulNBits accuracy_level 4): onnxruntime 1.32
     has no fast float path for them and dequantizes the whole matrix on every call otherwise
     (184 ms for SmolLM2's output layer here, against 2.4 ms)."""
-    if fmt in ("f32", "f16"):
+    if fmt not in ("q4_0", "q4_1", "q8_0"):  # floats, and GGUF's 5-bit and K-quant formats: exact as float32
         w = g.weight(name, _float_matrix(fmt, planes).T.copy())
         return g.op("MatMul", x, w)
     n_blocks = in_features // BLOCK

@@ -14,7 +14,7 @@ import numpy as np
 from edgephi import format as fmt_
 from edgephi import models
 from edgephi.errors import EdgephiError
-from edgephi.quant import FORMATS, QuantFormat, check_finite, dequantize, plane_key, plane_layout
+from edgephi.quant import FORMATS, QUANTIZABLE, QuantFormat, check_finite, dequantize, plane_key, plane_layout
 
 from .gguf_source import GGUFModel
 from .hf_source import HFCheckpoint
@@ -109,8 +109,8 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     for q in (quant, embed_quant):
-        if q is not None and q not in FORMATS:
-            raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(FORMATS)})")
+        if q is not None and q not in QUANTIZABLE:
+            raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(QUANTIZABLE)})")
     check_target(out, force, src)
     known = models.presets()
     if preset is not None and preset not in known:
@@ -199,6 +199,8 @@ def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, Q
                 if progress:
                     progress(done, total, t.name)
             rep.rel_error = (rep._err2 / rep._ref2) ** 0.5 if rep._ref2 else 0.0
+            # a quantized or float source kept in (or widened to) a float format loses nothing
+            rep.lossless = rep.lossless or (stored is not None and f.is_float and rep._err2 == 0.0)
             report.tensors.append(rep)
             report.parameters += rows * cols
     except BaseException:

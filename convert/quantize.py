@@ -1,6 +1,5 @@
-"""Quantizing float weights into edgephi's planes (edgephi/quant.py), and GGUF's interleaved blocks
-to and from planes. Quantization is round-to-nearest with the same float32 arithmetic as the
-`gguf` package."""
+"""Quantizing float weights into edgephi's planes (edgephi/quant.py): round-to-nearest with the
+same float32 arithmetic as the `gguf` package. GGUF's own blocks are read in gguf_blocks.py."""
 
 from __future__ import annotations
 
@@ -54,25 +53,3 @@ def quantize(x: np.ndarray, fmt: QuantFormat) -> dict[str, np.ndarray]:
     else:
         raise ValueError(f"unknown quant format {fmt.name!r}")
     return {p: a.reshape(rows, -1) for p, a in planes.items()}
-
-
-def planes_from_gguf_blocks(raw: np.ndarray, fmt: QuantFormat, rows: int) -> dict[str, np.ndarray]:
-    """GGUF block bytes (uint8, rows x K/32 blocks) -> planes, bit for bit."""
-    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, fmt.gguf_block_bytes)
-    out, at = {}, 0
-    for order in ("d", "m", "qs"):  # ggml's field order inside a block
-        for plane, dt, per_block in fmt.planes:
-            if plane == order:
-                width = np.dtype(dt).itemsize * per_block
-                out[plane] = np.ascontiguousarray(blocks[:, at:at + width]).view(dt).reshape(rows, -1)
-                at += width
-    return {plane: out[plane] for plane, _, _ in fmt.planes}
-
-
-def planes_to_gguf_blocks(planes: dict[str, np.ndarray], fmt: QuantFormat) -> np.ndarray:
-    """planes -> GGUF block bytes uint8 [N, K/32 * block bytes] (for export and tests)."""
-    rows = planes["qs"].shape[0]
-    fields = [planes[p] for p in ("d", "m", "qs") if p in planes]
-    nblocks = planes["d"].size
-    parts = [np.ascontiguousarray(f).reshape(nblocks, -1).view(np.uint8) for f in fields]
-    return np.concatenate(parts, axis=1).reshape(rows, -1)

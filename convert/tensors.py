@@ -10,7 +10,10 @@ from typing import Callable
 import numpy as np
 
 from edgephi.format import source_parts
-from edgephi.quant import QuantFormat, dequantize
+from edgephi.quant import FORMATS, QuantFormat, block_values, dequantize
+
+# formats whose values another holds exactly, with the same scales: (members, the wider one)
+WIDENINGS = {("q4_0", "q5_0", "q8_0"): "q8_0", ("q4_1", "q5_1"): "q5_1", ("q4_k", "q5_k"): "q5_k"}
 
 
 @dataclass
@@ -35,9 +38,17 @@ class SourceTensor:
 
     @property
     def stored_format(self) -> QuantFormat | None:
-        """The format every part is stored in, if they share one."""
-        fmts = {p.fmt.name if p.fmt else None for p in self.parts}
-        return self.parts[0].fmt if len(fmts) == 1 else None
+        """The format every part is stored in, if they share one, or one that holds each part's
+        values exactly (q/k/v of a GGUF mix stacked into one matrix); None for float sources."""
+        names = {p.fmt.name if p.fmt else None for p in self.parts}
+        if None in names:
+            return None
+        if len(names) == 1:
+            return self.parts[0].fmt
+        for members, wide in WIDENINGS.items():
+            if names <= set(members):
+                return FORMATS[wide]
+        return FORMATS["f32"]  # different block families: float32 holds every value exactly
 
     def _pieces(self, start: int, stop: int):
         """(part, source row indices) covering output rows [start, stop)."""
@@ -55,8 +66,10 @@ class SourceTensor:
                                dequantize(p.read_planes(idx), p.fmt) for p, idx in self._pieces(start, stop)])
 
     def planes(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """The stored planes of rows [start, stop), bit for bit (only when stored_format is set)."""
-        pieces = [p.read_planes(idx) for p, idx in self._pieces(start, stop)]
+        """The stored planes of rows [start, stop) in stored_format, bit for bit (only when it is set
+        and quantized)."""
+        target = self.stored_format
+        pieces = [widen(p.read_planes(idx), p.fmt, target) for p, idx in self._pieces(start, stop)]
         return {k: np.concatenate([piece[k] for piece in pieces]) for k in pieces[0]}
 
 
@@ -110,3 +123,17 @@ class RowReader:
             raise OSError(f"{self.path}: file shrank while converting")
         block = np.frombuffer(data, dtype=np.uint8).reshape(hi - lo, self.row_bytes)
         return block if (hi - lo == len(idx) and idx[0] == lo and np.all(np.diff(idx) == 1)) else block[idx - lo]
+
+
+def widen(planes: dict[str, np.ndarray], fmt: QuantFormat, target: QuantFormat) -> dict[str, np.ndarray]:
+    """planes of `fmt` as planes of `target` (a WIDENINGS pair), the same values exactly."""
+    if fmt.name == target.name:
+        return planes
+    rows = planes["qs"].shape[0]
+    if target.name == "q8_0":  # q - 8 or q - 16 as int8, the same block scale
+        offset = 8 if fmt.name == "q4_0" else 16
+        values = block_values(planes, fmt).astype(np.int16) - offset
+        return {"qs": values.astype(np.int8).reshape(rows, -1), "d": planes["d"]}
+    # q4_1 -> q5_1, q4_k -> q5_k: the same nibbles with a zero fifth bit
+    wide = dict(planes, qh=np.zeros((rows, planes["qs"].shape[1] // 4), np.uint8))
+    return {plane: wide[plane] for plane, _, _ in target.planes}

@@ -14,10 +14,10 @@ import click
 
 from .errors import EdgephiError, Terminated
 from .generate import DEFAULT_MAX_NEW_TOKENS
-from .quant import FORMATS
+from .quant import QUANTIZABLE
 from .sampling import SamplingParams
 
-QUANT_CHOICES = tuple(FORMATS)
+QUANT_CHOICES = QUANTIZABLE
 SAMPLING = SamplingParams()  # the flags' defaults are the API's
 
 

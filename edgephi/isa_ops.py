@@ -92,6 +92,10 @@ class OpSet:
     acc_lanes: int  # float accumulator width: one vector register
     block_dot: Callable  # (builder, w <32 x i16>, x <32 x i16>) -> <acc_lanes x i32> partial sums
     pair_dot: Callable | None = None  # (builder, nibbles, low, high) -> <16 x i32>, q4 pairs
+    # (builder, w <16 x i16>, x <16 x i16>) -> <acc_lanes x i32>: half a block, where block_dot
+    # mixes the halves' lanes (q6_k scales each half apart). None: block_dot's first acc_lanes / 2
+    # lanes are the first half's.
+    half_dot: Callable | None = None
 
     @property
     def pair_bytes(self) -> bool:
@@ -99,11 +103,11 @@ class OpSet:
         return self.pair_dot is not None
 
 
-PLAIN = OpSet(8, _split_block_dot(_pmaddwd_plain))
+PLAIN = OpSet(8, _split_block_dot(_pmaddwd_plain), half_dot=_pmaddwd_plain)
 OP_SETS = {
     "generic": PLAIN,
     "generic-arm": PLAIN,
-    "avx2": OpSet(8, _split_block_dot(_pmaddwd_avx2)),
+    "avx2": OpSet(8, _split_block_dot(_pmaddwd_avx2), half_dot=_pmaddwd_avx2),
     "avx512": OpSet(16, _block_dot_avx512),
     "avx512-vnni": OpSet(16, _block_dot_avx512, _pair_dot_vnni),
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 F32 = ir.FloatType()
-I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 FAST = ("fast",)
 LANES = 8  # float vector width of the attention row kernels: one AVX / two NEON registers
 

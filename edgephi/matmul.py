@@ -15,7 +15,8 @@ from .isa_ops import PAIR_BYTES, pair_byte_index
 from .quant import FORMATS
 from .row_dot import TILE_TOKENS, row_dot, tile_dot
 
-F32, F16, Q4_0, Q4_1, Q8_0 = (FORMATS[name].ggml_type for name in ("f32", "f16", "q4_0", "q4_1", "q8_0"))
+F32, F16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = (
+    FORMATS[name].ggml_type for name in ("f32", "f16", "q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"))
 
 # Kernels with prange loops (and callers of them) are not cached on their own: numba's cached code
 # for a function that calls another cached parallel kernel can hold a null pointer to that
@@ -68,7 +69,7 @@ def _matmul_quantized(isa, w, act, out):
         for n in prange(N):
             out[0, n] = row_dot(isa, w, act, n, 0)
         return
-    K = w.d.shape[1] * 32
+    K = w.qs.shape[1] * (1 if w.format == Q8_0 else 2)
     block = max(TILE_TOKENS, TOKEN_BLOCK_BYTES // (2 * K) // TILE_TOKENS * TILE_TOKENS)
     for t_start in range(0, T, block):
         t_stop = min(T, t_start + block)
@@ -80,6 +81,12 @@ def _matmul_quantized(isa, w, act, out):
                 out[t, n] = row_dot(isa, w, act, n, t)
 
 
+@njit(cache=True, inline="always")
+def _high_bit(qh, n, at, j):
+    """Bit j of the little-endian uint32 at byte `at` of row n of a qh plane."""
+    return (qh[n, at + j // 8] >> (j % 8)) & 1
+
+
 @njit(cache=True)
 def dequantize_row(w, n, row):
     """row[:] = W[n, :] as float32, bit for bit as gguf's dequantize computes it (no fastmath):
@@ -88,23 +95,37 @@ def dequantize_row(w, n, row):
     if w.format == F32:
         for k in range(K):
             row[k] = w.f32[n, k]
-    elif w.format == F16:
+        return
+    if w.format == F16:
         for k in range(K):
             row[k] = f16_to_f32(w.f16[n, k])
-    else:
-        for b in range(K // 32):
-            scale = f16_to_f32(w.d[n, b])
-            for j in range(32):
-                if w.format == Q8_0:
-                    v = np.float32(np.int8(w.qs[n, b * 32 + j])) * scale
-                else:
-                    byte = w.qs[n, b * 16 + (j % 16)]
-                    q = np.float32(byte & 15) if j < 16 else np.float32(byte >> 4)
-                    if w.format == Q4_0:
-                        v = (q - np.float32(8.0)) * scale
-                    else:
-                        v = q * scale + f16_to_f32(w.m[n, b])
-                row[b * 32 + j] = v
+        return
+    for b in range(K // 32):
+        u = b // 8  # the super-block (K-quants)
+        for j in range(32):
+            if w.format == Q8_0:
+                row[b * 32 + j] = np.float32(np.int8(w.qs[n, b * 32 + j])) * f16_to_f32(w.d[n, b])
+                continue
+            byte = w.qs[n, b * 16 + (j % 16)]
+            q = np.int32(byte & 15) if j < 16 else np.int32(byte >> 4)
+            if w.format == Q5_0 or w.format == Q5_1 or w.format == Q5_K:
+                q |= np.int32(_high_bit(w.qh, n, 4 * b, j)) << 4
+            elif w.format == Q6_K:
+                q |= (np.int32(_high_bit(w.qh, n, 8 * b, j)) << 4) | (np.int32(_high_bit(w.qh, n, 8 * b + 4, j)) << 5)
+            if w.format == Q4_0:
+                v = np.float32(q - 8) * f16_to_f32(w.d[n, b])
+            elif w.format == Q5_0:
+                v = np.float32(q - 16) * f16_to_f32(w.d[n, b])
+            elif w.format == Q4_1 or w.format == Q5_1:
+                v = np.float32(q) * f16_to_f32(w.d[n, b]) + f16_to_f32(w.m[n, b])
+            elif w.format == Q6_K:
+                scale = f16_to_f32(w.d[n, u]) * np.float32(np.int8(w.sc[n, 2 * b + j // 16]))
+                v = scale * np.float32(q - 32)
+            else:  # q4_k, q5_k
+                scale = f16_to_f32(w.d[n, u]) * np.float32(w.sc[n, 16 * u + b % 8])
+                low = f16_to_f32(w.m[n, u]) * np.float32(w.sc[n, 16 * u + 8 + b % 8])
+                v = scale * np.float32(q) - low
+            row[b * 32 + j] = v
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
@@ -154,7 +175,7 @@ def linear(isa, w, x, out, act):
     act: records.activations(>= T, >= K), where quantized weights read x as int16 per block."""
     T = x.shape[0]
     nonfinite = count_nonfinite(x)
-    if w.format == Q4_0 or w.format == Q4_1 or w.format == Q8_0:
+    if w.format != F32 and w.format != F16:
         if T == 1:
             quantize_activations(isa, x[0], act.xq[0], act.xb[0], act.xd[0], act.xs[0])
         else:

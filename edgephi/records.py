@@ -36,10 +36,12 @@ class Linear(NamedTuple):
     """A weight matrix W (N, K), applied as out = x @ W.T. Exactly the fields of its format are
     filled; the others are empty (0, 0) arrays, so every Linear has one numba type."""
 
-    format: int  # GGUF's type id, from quant.FORMATS: f32 0, f16 1, q4_0 2, q4_1 3, q8_0 8
-    qs: np.ndarray  # uint8 (N, K/2) q4 nibbles, or (N, K) q8_0 int8 bits
-    d: np.ndarray  # uint16 (N, K/32): float16 bits of the block scales
-    m: np.ndarray  # uint16 (N, K/32): float16 bits of q4_1's block minimums
+    format: int  # GGUF's type id, from quant.FORMATS (f32 0, f16 1, q4_0 2, q4_1 3, q8_0 8, q4_k 12, ...)
+    qs: np.ndarray  # uint8 (N, K/2) low nibbles, or (N, K) q8_0 int8 bits
+    d: np.ndarray  # uint16: float16 bits of the scales, (N, K/32) or (N, K/256) for K-quants
+    m: np.ndarray  # uint16: float16 bits of q4_1/q5_1's minimums (N, K/32) or q4_k/q5_k's dmin (N, K/256)
+    qh: np.ndarray  # uint8 (N, K/8) 5-bit formats' fifth bits, (N, K/4) q6_k's two high bits
+    sc: np.ndarray  # uint8 (N, K/16): K-quants' block scales and minimums (q6_k: int8 bits)
     f16: np.ndarray  # uint16 (N, K): float16 bits of an f16 matrix (numba has no float16)
     f32: np.ndarray  # float32 (N, K): an f32 matrix
 
@@ -143,9 +145,13 @@ def linear_from_planes(format_name: str, planes: dict[str, np.ndarray]) -> Linea
     as read-only views (mapped weights stay mapped)."""
     fmt = FORMATS[format_name]
     if format_name == "f32":
-        return Linear(fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, EMPTY_U16, readonly(planes[""]))
+        return Linear(fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, EMPTY_U8, EMPTY_U8, EMPTY_U16, readonly(planes[""]))
     if format_name == "f16":
-        return Linear(fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, readonly(planes[""].view(np.uint16)), EMPTY_F32)
-    m = readonly(planes["m"].view(np.uint16)) if "m" in planes else EMPTY_U16
-    return Linear(fmt.ggml_type, readonly(planes["qs"].view(np.uint8)), readonly(planes["d"].view(np.uint16)), m,
+        return Linear(fmt.ggml_type, EMPTY_U8, EMPTY_U16, EMPTY_U16, EMPTY_U8, EMPTY_U8,
+                      readonly(planes[""].view(np.uint16)), EMPTY_F32)
+
+    def plane(name, dtype, empty):
+        return readonly(planes[name].view(dtype)) if name in planes else empty
+    return Linear(fmt.ggml_type, plane("qs", np.uint8, EMPTY_U8), plane("d", np.uint16, EMPTY_U16),
+                  plane("m", np.uint16, EMPTY_U16), plane("qh", np.uint8, EMPTY_U8), plane("sc", np.uint8, EMPTY_U8),
                   EMPTY_U16, EMPTY_F32)

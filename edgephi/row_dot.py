@@ -19,20 +19,21 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .block_codecs import CODECS, BlockCodec
+from .block_codecs import CODECS, BlockCodec, RowPlanes
 from .isa_ops import OP_SETS, OpSet, op_set, pair_bytes_load
 from .llvm_ir import (
     F32,
     FAST,
     I8,
     I16,
+    I32,
     I64,
     array_rows,
     broadcast,
     const,
     counted_loop,
+    halves,
     lanes,
-    lanes_at,
     load_vector,
     prefetch,
     reduce_sum,
@@ -47,18 +48,6 @@ GROUP_BLOCKS = 8  # blocks whose scales are converted at once: a float16 load fi
 
 
 @dataclass
-class RowPlanes:
-    """Where row n of a quantized matrix lies: plane base pointers (i8*) and byte offsets."""
-
-    qbase: ir.Value
-    dbase: ir.Value
-    mbase: ir.Value
-    q_row: ir.Value  # byte offset of the row in qs
-    s_row: ir.Value  # byte offset of the row in d (and m)
-    n_blocks: ir.Value
-
-
-@dataclass
 class TokenActivations:
     """Pointers to one token's quantized activations: xq i16*, xb i8*, xd f32*, xs f32*."""
 
@@ -68,28 +57,48 @@ class TokenActivations:
     xs: ir.Value
 
 
+def _two_scale_term(builder, ops: OpSet, w, x, scales, x_d):
+    """q6_k's block: each half's dot times its own scale, as <acc_lanes x float>."""
+    lo_scale, hi_scale = (builder.fmul(s, x_d, flags=FAST) for s in scales)
+    if ops.half_dot is not None:
+        (w_lo, w_hi), (x_lo, x_hi) = halves(builder, w), halves(builder, x)
+        lo = builder.sitofp(ops.half_dot(builder, w_lo, x_lo), vec(F32, ops.acc_lanes))
+        hi = builder.sitofp(ops.half_dot(builder, w_hi, x_hi), vec(F32, ops.acc_lanes))
+        return builder.fadd(builder.fmul(lo, broadcast(builder, lo_scale, ops.acc_lanes), flags=FAST),
+                            builder.fmul(hi, broadcast(builder, hi_scale, ops.acc_lanes), flags=FAST), flags=FAST)
+    half = ops.acc_lanes // 2
+    pair = builder.insert_element(builder.insert_element(ir.Constant(vec(F32, 2), ir.Undefined), lo_scale,
+                                                         ir.Constant(I32, 0)), hi_scale, ir.Constant(I32, 1))
+    spread = builder.shuffle_vector(pair, pair, lanes([0] * half + [1] * half))
+    dot = builder.sitofp(ops.block_dot(builder, w, x), vec(F32, ops.acc_lanes))
+    return builder.fmul(dot, spread, flags=FAST)
+
+
 def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens: list[TokenActivations]):
     """Emit the dots of `row` with each token's activations; returns one float32 value per token."""
     n = len(tokens)
 
     def block(b, carried):
         accs, offsets = carried[:n], carried[n:]
-        w = codec.weights(builder, row.qbase, row.q_row, b)
-        s_off = builder.add(row.s_row, builder.mul(b, const(2)))
-        block_at = builder.add(row.q_row, builder.mul(b, const(codec.block_bytes)))
-        prefetch(builder, row.qbase, block_at, PREFETCH_BYTES)
-        prefetch(builder, row.dbase, s_off, PREFETCH_BYTES * 2 // codec.block_bytes)
-        if codec.offset == "minimum":
-            prefetch(builder, row.mbase, s_off, PREFETCH_BYTES * 2 // codec.block_bytes)
-        d_w = codec.scale(builder, row.dbase, s_off)
-        low = codec.offset_term(builder, d_w, row.mbase, s_off)
+        w = codec.weights(builder, row, b)
+        prefetch(builder, row.base["qs"], builder.add(row.row["qs"], builder.mul(b, const(codec.qs_bytes))),
+                 PREFETCH_BYTES)
+        for plane, per_block in codec.side_planes():
+            prefetch(builder, row.base[plane], builder.add(row.row[plane], builder.mul(b, const(per_block))),
+                     PREFETCH_BYTES * per_block // codec.qs_bytes)
+        d_w = codec.scale(builder, row, b)
+        low = None if codec.two_scales else codec.offset_term(builder, d_w, row, b)
         new_accs, new_offsets = [], []
         for i, act in enumerate(tokens):
             x = load_vector(builder, act.xq, builder.mul(b, const(32)), I16, 32, 2)
-            dot = ops.block_dot(builder, w, x)
-            scale = builder.fmul(d_w, builder.load(builder.gep(act.xd, [b])), flags=FAST)
-            term = builder.fmul(builder.sitofp(dot, vec(F32, ops.acc_lanes)), broadcast(builder, scale, ops.acc_lanes),
-                                flags=FAST)
+            x_d = builder.load(builder.gep(act.xd, [b]))
+            if codec.two_scales:
+                term = _two_scale_term(builder, ops, w, x, d_w, x_d)
+            else:
+                dot = ops.block_dot(builder, w, x)
+                scale = builder.fmul(d_w, x_d, flags=FAST)
+                term = builder.fmul(builder.sitofp(dot, vec(F32, ops.acc_lanes)),
+                                    broadcast(builder, scale, ops.acc_lanes), flags=FAST)
             new_accs.append(builder.fadd(accs[i], term, flags=FAST))
             if low is None:
                 new_offsets.append(offsets[i])
@@ -106,28 +115,24 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         def body(u, carried):
             accs, offsets = carried[:n], carried[n:]
             b0 = builder.mul(u, const(width))
-            s_off = builder.add(row.s_row, builder.mul(b0, const(2)))
-            d_w = lanes_at(builder, row.dbase, s_off, True, width)
-            if codec.offset == "minimum":
-                low = lanes_at(builder, row.mbase, s_off, True, width)
-            else:
-                low = builder.fmul(d_w, splat(F32, width, -8.0), flags=FAST)  # values are q - 8
+            d_w = codec.scale_lanes(builder, row, b0, width)
+            low = codec.offset_lanes(builder, d_w, row, b0, width)
             scales, new_offsets = [], []
             for i, act in enumerate(tokens):
                 x_d, x_s = (builder.load(builder.bitcast(builder.gep(p, [b0]), lanes_t.as_pointer()), align=4)
                             for p in (act.xd, act.xs))
                 scales.append(builder.fmul(d_w, x_d, flags=FAST))
                 new_offsets.append(builder.fadd(offsets[i], builder.fmul(low, x_s, flags=FAST), flags=FAST))
-            if width == GROUP_BLOCKS:  # 128 bytes of nibbles, 16 of scales
-                group_at = builder.add(row.q_row, builder.mul(b0, const(16)))
+            if width == GROUP_BLOCKS:  # 128 bytes of nibbles, then the small planes
+                group_at = builder.add(row.row["qs"], builder.mul(b0, const(16)))
                 for line in (PREFETCH_BYTES, PREFETCH_BYTES + 64):
-                    prefetch(builder, row.qbase, group_at, line)
-                prefetch(builder, row.dbase, s_off, PREFETCH_BYTES // 8)
-                if codec.offset == "minimum":
-                    prefetch(builder, row.mbase, s_off, PREFETCH_BYTES // 8)
+                    prefetch(builder, row.base["qs"], group_at, line)
+                for plane, per_block in codec.side_planes():
+                    prefetch(builder, row.base[plane], builder.add(row.row[plane], builder.mul(b0, const(per_block))),
+                             PREFETCH_BYTES * per_block // 16)
             for k in range(width // 2):
                 p = builder.add(builder.mul(u, const(width // 2)), const(k))
-                nibbles = codec.pair_nibbles(builder, row.qbase, row.q_row, p)
+                nibbles = codec.pair_nibbles(builder, row, p)
                 spread = lanes(([2 * k] * 4 + [2 * k + 1] * 4) * 2)  # PAIR_ORDER's lanes of A and B
                 for i, act in enumerate(tokens):
                     low_bytes, high_bytes = pair_bytes_load(builder, act.xb, p)
@@ -138,9 +143,9 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         return body
 
     zero_acc = splat(F32, ops.acc_lanes, 0.0)
-    if ops.pair_dot is not None and codec.nibbles:
+    if ops.pair_dot is not None and codec.pair_dots:
         # groups of eight blocks (their scales converted in one go), then pairs, then an odd
-        # count's last block on 16-bit words
+        # count's last block on 16-bit words (K-quant rows are whole groups: super-blocks)
         accs, offsets = [zero_acc] * n, [ir.Constant(F32, 0.0)] * n
         start = None
         for width, shift in ((GROUP_BLOCKS, GROUP_BLOCKS.bit_length() - 1), (2, 1)):
@@ -148,18 +153,20 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
             if start is not None:
                 start = builder.ashr(start, const(shift))
             carried = counted_loop(builder, count, accs + [splat(F32, width, 0.0)] * n, span(width),
-                                   f"q4span{width}", start=start)
+                                   f"{codec.name}.span{width}", start=start)
             accs = carried[:n]
             offsets = [builder.fadd(o, reduce_sum(builder, c), flags=FAST) for o, c in zip(offsets, carried[n:])]
             start = builder.shl(count, const(shift))
-        carried = counted_loop(builder, row.n_blocks, accs + offsets, block, "rowdot", start=start)
+        carried = counted_loop(builder, row.n_blocks, accs + offsets, block, f"{codec.name}.rowdot", start=start)
     else:
-        carried = counted_loop(builder, row.n_blocks, [zero_acc] * n + [ir.Constant(F32, 0.0)] * n, block, "rowdot")
+        carried = counted_loop(builder, row.n_blocks, [zero_acc] * n + [ir.Constant(F32, 0.0)] * n, block,
+                               f"{codec.name}.rowdot")
     accs, offsets = carried[:n], carried[n:]
     return [builder.fadd(reduce_sum(builder, accs[i]), offsets[i], flags=FAST) for i in range(n)]
 
 
-FORMAT_CASES = [(FORMATS[name].ggml_type, CODECS[name]) for name in ("q4_0", "q4_1", "q8_0")]
+FORMAT_CASES = [(FORMATS[name].ggml_type, codec) for name, codec in CODECS.items()]
+PLANES = ("qs", "d", "m", "qh", "sc")
 
 
 def _make_row_dot(tile: int):
@@ -180,14 +187,15 @@ def _make_row_dot(tile: int):
                 i = record_type.fields.index(name)
                 return context.make_array(record_type.types[i])(context, builder, builder.extract_value(record, i))
 
-            qa, da, ma = (array(w_type, args[1], p) for p in ("qs", "d", "m"))
+            arrays = {p: array(w_type, args[1], p) for p in PLANES}
             row, t0 = args[3], args[4]
-            planes = RowPlanes(qbase=builder.bitcast(qa.data, I8.as_pointer()),
-                               dbase=builder.bitcast(da.data, I8.as_pointer()),
-                               mbase=builder.bitcast(ma.data, I8.as_pointer()),
-                               q_row=builder.mul(row, builder.extract_value(qa.strides, 0)),
-                               s_row=builder.mul(row, builder.extract_value(da.strides, 0)),
-                               n_blocks=builder.extract_value(da.shape, 1))
+            qs_bytes = builder.extract_value(arrays["qs"].shape, 1)  # K/2, or K for q8_0
+
+            def planes(codec):
+                return RowPlanes(base={p: builder.bitcast(a.data, I8.as_pointer()) for p, a in arrays.items()},
+                                 row={p: builder.mul(row, builder.extract_value(a.strides, 0))
+                                      for p, a in arrays.items()},
+                                 n_blocks=builder.udiv(qs_bytes, const(codec.qs_bytes)))
             rows = [array_rows(builder, array(act_type, args[2], name), t0, tile, elem)
                     for name, elem in (("xq", I16), ("xb", I8), ("xd", F32), ("xs", F32))]
             tokens = [TokenActivations(*(r[i] for r in rows)) for i in range(tile)]
@@ -196,13 +204,13 @@ def _make_row_dot(tile: int):
             cases = [(ggml_type, codec, builder.append_basic_block(f"rowdot.{codec.name}"))
                      for ggml_type, codec in FORMAT_CASES]
             merge = builder.append_basic_block("rowdot.merge")
-            switch = builder.switch(fmt, cases[-1][2])  # the last format (q8_0) is the default
+            switch = builder.switch(fmt, cases[-1][2])  # the last format is the default
             for ggml_type, _, block in cases[:-1]:
                 switch.add_case(ir.Constant(fmt.type, ggml_type), block)
             results = []
             for _, codec, block in cases:
                 builder.position_at_end(block)
-                sums = emit_row_dot(builder, ops, codec, planes, tokens)
+                sums = emit_row_dot(builder, ops, codec, planes(codec), tokens)
                 results.append((sums, builder.block))
                 builder.branch(merge)
             builder.position_at_end(merge)
@@ -226,18 +234,18 @@ tile_dot = _make_row_dot(TILE_TOKENS)
 def standalone_row_dot(module: ir.Module, isa_name: str, format_name: str, tile: int = 1) -> ir.Function:
     """The same row dot as a plain function of pointers, for compiling to any target's assembly
     (tests count instructions per block for ISAs the host cannot run):
-    float rowdot(i8* qs, i8* d, i8* m, i64 n_blocks, i16* xq, i8* xb, float* xd, float* xs)
+    float rowdot(i8* qs, i8* d, i8* m, i8* qh, i8* sc, i64 n_blocks, i16* xq, i8* xb, float* xd, float* xs)
     over row 0 and tile tokens of one row each (their rows follow at K = 32 n_blocks values)."""
     i8p = I8.as_pointer()
-    args = [i8p, i8p, i8p, I64, I16.as_pointer(), i8p, F32.as_pointer(), F32.as_pointer()]
+    args = [i8p, i8p, i8p, i8p, i8p, I64, I16.as_pointer(), i8p, F32.as_pointer(), F32.as_pointer()]
     fn = ir.Function(module, ir.FunctionType(F32, args), name=f"rowdot_{isa_name}_{format_name}_{tile}")
-    qs, d, m, n_blocks, xq, xb, xd, xs = fn.args
+    qs, d, m, qh, sc, n_blocks, xq, xb, xd, xs = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     k = builder.mul(n_blocks, const(32))
     tokens = [TokenActivations(builder.gep(xq, [builder.mul(k, const(i))]), builder.gep(xb, [builder.mul(k, const(2 * i))]),
                                builder.gep(xd, [builder.mul(n_blocks, const(i))]),
                                builder.gep(xs, [builder.mul(n_blocks, const(i))])) for i in range(tile)]
-    row = RowPlanes(qs, d, m, const(0), const(0), n_blocks)
+    row = RowPlanes({"qs": qs, "d": d, "m": m, "qh": qh, "sc": sc}, {p: const(0) for p in PLANES}, n_blocks)
     sums = emit_row_dot(builder, OP_SETS[isa_name], CODECS[format_name], row, tokens)
     total = sums[0]
     for s in sums[1:]:

@@ -94,6 +94,48 @@ def smollm2_gguf() -> Path:
     )
 
 
+LLAMA_CPP_SDIST = ("llama-cpp-python", "0.3.36",
+                   "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+# What the tests take from llama.cpp's source tree: its HF -> GGUF converter (with the gguf-py it
+# imports) and its tokenizer test vocabularies with their expected ids.
+_LLAMA_CPP_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-")
+
+
+@functools.cache
+def llama_cpp_source() -> Path:
+    """The parts of llama.cpp's source tree (vendor/llama.cpp in llama-cpp-python's pinned source
+    distribution) listed in _LLAMA_CPP_MEMBERS, extracted once into the cache."""
+    import tarfile
+
+    package, version, sdist_sha256 = LLAMA_CPP_SDIST
+    target = cache_dir() / f"{package}-{version}" / "llama.cpp"
+    stamp = target / ".sdist-sha256"
+    if stamp.exists() and stamp.read_text() == sdist_sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+             "--disable-pip-version-check", "-q", f"{package}=={version}", "-d", tmp],
+            check=True,
+        )
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        if (got := sha256_file(sdist)) != sdist_sha256:
+            raise RuntimeError(f"{sdist.name}: sha256 {got}, pinned {sdist_sha256}")
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        tree = Path(tmp) / "llama.cpp"
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix)
+                       and m.name[len(prefix):].startswith(_LLAMA_CPP_MEMBERS)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(tree, members=members, filter="data")
+        (tree / ".sdist-sha256").write_text(sdist_sha256)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tree, target)
+    return target
+
+
 # Hashes of the ungzipped files; they are the ones tiktoken itself pins.
 _TIKTOKEN_FILES = {
     "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",

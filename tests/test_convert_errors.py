@@ -232,9 +232,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", *, tokenizer_model: str = "
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(_byte_level_tokens())
     w.add_token_types([1] * V)
-    if embed_type == "q4_k":  # 256-element blocks of 144 bytes
-        w.add_tensor("token_embd.weight", np.zeros((V, D // 256 * 144), np.uint8),
-                     raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    if embed_type == "iq4_nl":  # 32-element blocks of 18 bytes, a type edgephi does not compute with
+        w.add_tensor("token_embd.weight", np.zeros((V, D // 32 * 18), np.uint8),
+                     raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
     else:
         w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((V, D), np.float32))
     w.write_header_to_file()
@@ -498,9 +498,9 @@ def _sentencepiece_vocab(tmp_path, gguf_path):
             ["SentencePiece", "not supported"])
 
 
-def _k_quant_tensor(tmp_path, gguf_path):  # most GGUFs on the Hub are Q4_K_M
-    return (write_tiny_gguf(tmp_path / "tiny.gguf", embed_type="q4_k").read_bytes(),
-            ["token_embd.weight", "Q4_K"])
+def _iq_tensor(tmp_path, gguf_path):  # i-quants stay refused, by name, with the types that work
+    return (write_tiny_gguf(tmp_path / "tiny.gguf", embed_type="iq4_nl").read_bytes(),
+            ["token_embd.weight", "IQ4_NL", "Q4_K"])
 
 
 def _unknown_value_type(tmp_path, gguf_path):
@@ -516,7 +516,7 @@ GGUF_CASES = {
     "qwen2-architecture": _arch("qwen2"),
     "metadata-missing": _metadata_missing,
     "sentencepiece-vocabulary": _sentencepiece_vocab,
-    "q4_k-tensor": _k_quant_tensor,
+    "iq4_nl-tensor": _iq_tensor,
     "unknown-value-type": _unknown_value_type,
 }
 

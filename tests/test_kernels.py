@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
+from edgephi.convert.gguf_blocks import planes_from_gguf_blocks
 from edgephi.convert.quantize import quantize
 from gguf import GGMLQuantizationType as GT
 from gguf import quants as gguf_quants
@@ -22,8 +23,10 @@ from edgephi.isa import ISAS, choose_isa, runnable_isas
 from edgephi.isa_ops import OP_SETS
 from edgephi.quant import FORMATS, dequantize
 from edgephi.records import activations, linear_from_planes
+from tests.test_quant import GGUF_ONLY, random_gguf_blocks
 
 FORMAT_NAMES = ["f32", "f16", "q4_0", "q4_1", "q8_0"]
+GGUF_ONLY_NAMES = sorted(GGUF_ONLY)  # formats that come only from GGUF files: 5-bit and K-quants
 GGML = {"q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q8_0": GT.Q8_0}
 
 
@@ -153,9 +156,38 @@ def test_quantized_linear_is_exact_on_int16_activations(name, N, K, T):
     check_exact_on_int16_activations(HOST, name, N, K, T)
 
 
+def make_planes(rng, name, N, K):
+    """Weights of `name`: quantized by edgephi's converter, or (formats only GGUF files bring)
+    random GGUF blocks split as the converter splits them."""
+    if FORMATS[name].quantizable:
+        return quantize(random_matrix(rng, N, K), FORMATS[name])
+    return planes_from_gguf_blocks(random_gguf_blocks(name, N, K, seed=int(rng.integers(1 << 30))), FORMATS[name], N)
+
+
+@pytest.mark.parametrize("name", GGUF_ONLY_NAMES)
+@pytest.mark.parametrize("N,K", [(37, 512), (5, 8192)])
+@pytest.mark.parametrize("T", [1, 7, 30])
+def test_gguf_formats_exact_on_int16_activations(name, N, K, T):
+    """The 5-bit and K-quant block dots (K-quants: two super-blocks per 512) held to the same
+    exactness as the formats edgephi quantizes to."""
+    check_exact_on_int16_activations(HOST, name, N, K, T)
+
+
+@pytest.mark.parametrize("name", GGUF_ONLY_NAMES)
+def test_embed_rows_gguf_formats_are_ggufs_dequantize(name):
+    """The jitted block dequantizer (embedding rows, float matmuls) gives gguf's own bits."""
+    raw = random_gguf_blocks(name, 9, 512, seed=4)
+    planes = planes_from_gguf_blocks(raw, FORMATS[name], 9)
+    tokens = np.array([8, 0, 3, 3], np.int64)
+    out = np.empty((4, 512), np.float32)
+    matmul.embed_rows(weight_record(planes, name), tokens, out)
+    theirs = gguf_quants.dequantize(raw, GGUF_ONLY[name]).reshape(9, 512)
+    assert np.array_equal(out.view(np.uint32), theirs[tokens].view(np.uint32))
+
+
 def check_exact_on_int16_activations(isa, name, N, K, T):
     rng = np.random.default_rng(zlib.crc32(f"exact-{name}-{N}-{K}-{T}".encode()))
-    planes = quantize(random_matrix(rng, N, K), FORMATS[name])
+    planes = make_planes(rng, name, N, K)
     x = (rng.standard_normal((T, K)) * 3 + 1).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)
     matmul.linear(isa, weight_record(planes, name), x, out, activations(T, K))
@@ -527,10 +559,12 @@ def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
 
 
 @pytest.mark.parametrize("isa", [name for name in RUNNABLE if name != HOST.name])
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", *GGUF_ONLY_NAMES])
 @pytest.mark.parametrize("N,K", [(37, 96), (130, 512)])
 @pytest.mark.parametrize("T", [1, 7])  # decode; a tile of four and three single tokens
 def test_quantized_linear_exact_on_every_isa_the_host_runs(isa, name, N, K, T):
+    if K % FORMATS[name].row_multiple:
+        K *= 256 // math.gcd(K, 256)  # K-quant rows are whole super-blocks
     """Each other instruction set's block dots, compiled in this process beside the host's (the ISA
     is an argument type), held to the same exactness (the host's runs in the test above)."""
     check_exact_on_int16_activations(ISAS[isa], name, N, K, T)
@@ -582,15 +616,15 @@ def row_dot_assembly(isa, name, triple, cpu, features):
 
 
 @pytest.mark.parametrize("isa", sorted(ASSEMBLY_TARGETS))
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", *GGUF_ONLY_NAMES])
 def test_every_isa_compiles_for_its_cpu(isa, name):
     """Every operation set builds valid code for a CPU of its own, whatever the host: the Arm path
     through LLVM's AArch64 backend (llvmlite carries it), the x86 ones for CPUs this one may not be."""
     triple, cpu, features, wanted = ASSEMBLY_TARGETS[isa]
     asm = row_dot_assembly(isa, name, triple, cpu, features).replace("\t", " ")
     for instruction in wanted:
-        if instruction.startswith("vpdpbusd") and name == "q8_0":
-            continue  # q8_0 has no pair dots: its blocks are whole bytes already
+        if instruction.startswith("vpdpbusd") and name in ("q8_0", "q6_k"):
+            continue  # no pair dots: q8_0's blocks are whole bytes already, q6_k has two scales a block
         assert re.search(instruction, asm), (isa, name, instruction)
     if triple.startswith("aarch64"):
         assert "%xmm" not in asm and "%ymm" not in asm and "%zmm" not in asm

@@ -5,7 +5,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as ref
 
-from edgephi.convert.quantize import planes_from_gguf_blocks, planes_to_gguf_blocks, quantize
+from edgephi.convert.gguf_blocks import planes_from_gguf_blocks, planes_to_gguf_blocks
+from edgephi.convert.quantize import quantize
 from edgephi.quant import FORMATS, dequantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -70,3 +71,57 @@ def test_float_formats_round_trip():
     assert np.array_equal(dequantize(quantize(x, FORMATS["f32"]), FORMATS["f32"]), x)
     assert np.array_equal(dequantize(quantize(x, FORMATS["f16"]), FORMATS["f16"]),
                           ref.quantize(x, T.F16).astype(np.float32))
+
+
+GGUF_ONLY = {"q5_0": T.Q5_0, "q5_1": T.Q5_1, "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
+# byte offsets of each GGUF block's float16 fields (scale, minimum): random bytes there could be NaN
+F16_FIELDS = {"q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def random_gguf_blocks(name, rows, cols, seed=0):
+    """Random bytes as GGUF blocks of `name` (every bit pattern of values, scales and high bits
+    occurs), with finite float16 scales."""
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // fmt.row_multiple * fmt.gguf_block_bytes), dtype=np.uint8)
+    blocks = raw.reshape(-1, fmt.gguf_block_bytes)
+    for at in F16_FIELDS[name]:
+        scales = (rng.standard_normal(blocks.shape[0]) * np.exp(rng.uniform(-8, 4, blocks.shape[0]))).astype(np.float16)
+        blocks[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_ONLY))
+def test_gguf_only_formats_import_bit_for_bit(name):
+    """5-bit and K-quant blocks as GGUF files hold them: split into planes (K-quants rearranged
+    into blocks of 32), dequantized to gguf's own float32 bits, and written back unchanged."""
+    raw = random_gguf_blocks(name, 24, 1024)
+    planes = planes_from_gguf_blocks(raw, FORMATS[name], 24)
+    assert np.array_equal(dequantize(planes, FORMATS[name]).view(np.uint32),
+                          ref.dequantize(raw, GGUF_ONLY[name]).view(np.uint32))
+    assert np.array_equal(planes_to_gguf_blocks(planes, FORMATS[name]), raw)
+
+
+@pytest.mark.parametrize("name", ["q5_0", "q5_1"])
+def test_5_bit_formats_from_ggufs_quantizer(name):
+    """The same on gguf's own quantization of awkward values (zero and constant blocks, exact halves)."""
+    x = awkward_matrix(seed=5)
+    blocks = ref.quantize(x, GGUF_ONLY[name])
+    planes = planes_from_gguf_blocks(blocks, FORMATS[name], x.shape[0])
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(dequantize(planes, FORMATS[name]), ref.dequantize(blocks, GGUF_ONLY[name]),
+                              equal_nan=True)
+    assert np.array_equal(planes_to_gguf_blocks(planes, FORMATS[name]), blocks)
+
+
+@pytest.mark.parametrize("narrow,wide", [("q4_0", "q8_0"), ("q5_0", "q8_0"), ("q4_1", "q5_1"), ("q4_k", "q5_k")])
+def test_widening_keeps_every_value(narrow, wide):
+    """q/k/v of a llama GGUF mix in different formats are stacked in one that holds them all."""
+    from edgephi.convert.tensors import widen
+
+    raw = random_gguf_blocks(narrow, 8, 512, seed=3) if narrow in GGUF_ONLY else \
+        ref.quantize(awkward_matrix(8, 512, seed=3), GGML[narrow])
+    planes = planes_from_gguf_blocks(raw, FORMATS[narrow], 8)
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(dequantize(widen(planes, FORMATS[narrow], FORMATS[wide]), FORMATS[wide]),
+                              dequantize(planes, FORMATS[narrow]), equal_nan=True)
