@@ -57,6 +57,11 @@ def open_model(folder: Path) -> ModelTensors:
 # weights
 
 
+# formats written as MatMulNBits; the others (GGUF's 5-bit and K-quant imports) go out as exact
+# float32 MatMuls, which the export report lists
+MATMULNBITS_FORMATS = ("q4_0", "q4_1", "q8_0")
+
+
 def matmulnbits_q4(qs: np.ndarray) -> np.ndarray:
     """ggml nibbles (byte j of a block: element j low, element j + 16 high) -> MatMulNBits' order
     (byte i: element 2i low, element 2i + 1 high); [N, K/2] -> [N, K/32, 16]."""
@@ -74,7 +79,7 @@ def linear(g: Graph, x: str, name: str, fmt: str, planes: dict, in_features: int
     weights multiply int8-quantized activations (MatMulNBits accuracy_level 4): onnxruntime 1.32
     has no fast float path for them and dequantizes the whole matrix on every call otherwise
     (184 ms for SmolLM2's output layer here, against 2.4 ms)."""
-    if fmt not in ("q4_0", "q4_1", "q8_0"):  # floats, and GGUF's 5-bit and K-quant formats: exact as float32
+    if fmt not in MATMULNBITS_FORMATS:  # floats, and GGUF's 5-bit and K-quant formats: exact as float32
         w = g.weight(name, _float_matrix(fmt, planes).T.copy())
         return g.op("MatMul", x, w)
     n_blocks = in_features // BLOCK
@@ -340,6 +345,7 @@ class ExportReport:
     check_tokens: int = 0
     max_abs_diff: float = 0.0  # onnxruntime's logits vs the edgephi runtime's, on a short prompt
     max_rel_diff: float = 0.0  # ... over the largest |logit|
+    float_formats: dict = None  # format -> tensors written as float32 MatMul (no MatMulNBits form)
 
 
 
@@ -367,6 +373,11 @@ def export_onnx(folder, out, *, force: bool = False, check: bool = True, int8_co
     spec = TokenizerSpec.load(folder)
     context = model.cfg.max_position_embeddings
     report = ExportReport(out)
+    report.float_formats = {}
+    for name in model.cfg.tensor_names():
+        fmt = model.cfg.tensors[name]["format"]
+        if fmt not in MATMULNBITS_FORMATS + ("f32", "f16") and name != "embed":
+            report.float_formats[fmt] = report.float_formats.get(fmt, 0) + 1
     with staged_folder(out, check=lambda: check_target(out, force, folder, kind="onnx")) as tmp:
         save(build_graph(model, int8_compute=int8_compute, data_path=tmp / DATA_FILE), tmp)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(model.cfg, generation, context), indent=1) + "\n")

@@ -100,7 +100,7 @@ def _generation(source, tokenizer, preset=None) -> dict:
     return gen
 
 
-def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", embed_quant: str | None = "q8_0",
+def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", embed_quant: str | None = None,
             force: bool = False, preset: str | None = None,
             progress: Callable[[int, int, str], None] | None = None) -> Report:
     """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats

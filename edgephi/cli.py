@@ -95,8 +95,8 @@ def print_conversion_report(report) -> None:
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--quant", type=click.Choice(QUANT_CHOICES), default=None,
               help="Format of the transformer's linear weights [default: q4_0; a GGUF keeps its own]")
-@click.option("--embed-quant", type=click.Choice(QUANT_CHOICES), default="q8_0", show_default=True,
-              help="Format of the token embedding and output matrices")
+@click.option("--embed-quant", type=click.Choice(QUANT_CHOICES), default=None,
+              help="Format of the token embedding and output matrices [default: q8_0; a GGUF keeps its own]")
 @click.option("--preset", default=None, help="A model family from presets.json (edgephi.models): its chat template, "
               "stop tokens and recommended quant")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists")
@@ -127,6 +127,8 @@ def export_onnx(model_path, out, force, no_check, exact_8bit):
     click.echo(f"wrote {report.out} in {report.seconds:.1f} s")
     for name, size in sorted(report.files.items()):
         click.echo(f"  {name:24s} {size / 1e6:10.1f} MB")
+    for fmt, count in sorted((report.float_formats or {}).items()):
+        click.echo(f"  {count} {fmt} matrices written as float32 MatMul (exact; MatMulNBits has no {fmt} form)")
     if report.check_tokens:
         click.echo(f"  onnxruntime vs edgephi logits on {report.check_tokens} tokens: max |diff| "
                    f"{report.max_abs_diff:.3g} ({report.max_rel_diff:.2e} of the largest logit)")
