@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgephi.errors import EdgephiError
 from edgephi.tokenizer_files import TokenizerSpec, bytes_to_unicode
 
 from .tokenizers import DIGITS_THEN_GPT2_PATTERN, GPT2_PATTERN
@@ -82,8 +83,15 @@ def tokenizer_json(spec: TokenizerSpec) -> dict:
     }
 
 
+def check_writable(spec: TokenizerSpec, where) -> None:
+    if spec.sentencepiece is not None:
+        raise EdgephiError(f"{where}: the model's SentencePiece vocabulary (Phi-3/3.5) cannot be written as a "
+                           "tokenizer.json yet, so it cannot be exported to ONNX; byte-level vocabularies can")
+
+
 def write_hf_tokenizer(spec: TokenizerSpec, generation: dict, folder: Path, context_length: int) -> None:
     """tokenizer.json and tokenizer_config.json (chat template, bos/eos) into `folder`."""
+    check_writable(spec, folder)
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(spec), ensure_ascii=False), encoding="utf-8")
     by_id = {i: s for s, i in spec.special_tokens.items()}
     eos = generation.get("eos_token_ids") or []

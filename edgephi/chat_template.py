@@ -116,9 +116,10 @@ class ChatTemplate:
     def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         text, restore = self._render(check_messages(messages), add_generation_prompt)
         plain = (lambda s: s.translate(restore)) if restore else (lambda s: s)  # noqa: E731
-        ids, start = [], 0
+        # the template's own special tokens only; the tokenizer gets the parts together, since
+        # a special token may strip the whitespace after it (Phi-3's)
+        parts, start = [], 0
         for match in self._special_re.finditer(text):
-            ids += self.tokenizer.encode(plain(text[start:match.start()]))  # only the template's own
-            ids.append(self.tokenizer.special_tokens[match.group()])
+            parts += [plain(text[start:match.start()]), match.group()]
             start = match.end()
-        return ids + self.tokenizer.encode(plain(text[start:]))
+        return self.tokenizer.encode_parts(parts + [plain(text[start:])])

@@ -108,6 +108,17 @@ def text_stream(tokenizer, ids: Iterable[int], stop: tuple[str, ...] = ()) -> It
     """Text pieces of a token stream: never a partial UTF-8 character, never any part of a stop
     string (the text ends just before the first stop string)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pieces = chain((decoder.decode(tokenizer.decode_bytes([token])) for token in ids),
+    pieces = chain((decoder.decode(data) for data in _token_bytes(tokenizer, ids)),
                    (decoder.decode(b"", final=True) for _ in range(1)))  # a character left incomplete
     yield from cut_at_stops(pieces, stop)
+
+
+def _token_bytes(tokenizer, ids: Iterable[int]) -> Iterator[bytes]:
+    """Each token's bytes; with a tokenizer whose decode() drops the leading space its encoding's
+    space prefix adds (strip_leading_space: SentencePiece), the first non-empty one loses it too."""
+    strip = getattr(tokenizer, "strip_leading_space", False)
+    for token in ids:
+        data = tokenizer.decode_bytes([token])
+        if strip and data:
+            data, strip = data.removeprefix(b" "), False
+        yield data

@@ -1,4 +1,10 @@
-"""Text <-> token ids with a tiktoken Encoding built from the model folder (nothing is downloaded)."""
+"""Text <-> token ids with a tiktoken Encoding built from the model folder (nothing is downloaded).
+
+Tokenizer is byte-level BPE (Phi-4, Llama 3, SmolLM); for a SentencePiece spec (Phi-3/3.5)
+Tokenizer(spec) and Tokenizer.from_folder make its subclass SentencePieceTokenizer (tokenizer_spm.py).
+Both have encode(text, allow_special), encode_parts, decode, decode_bytes, n_vocab, special_tokens
+and strip_leading_space.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,22 @@ from .tokenizer_files import TokenizerSpec
 
 
 class Tokenizer:
+    strip_leading_space = False  # decode() keeps the text as the tokens spell it
+
+    def __new__(cls, spec: TokenizerSpec, where: str = "tokenizer"):
+        """Tokenizer(spec) is a SentencePieceTokenizer for a SentencePiece spec."""
+        if cls is Tokenizer and spec.sentencepiece is not None:
+            from .tokenizer_spm import SentencePieceTokenizer
+
+            cls = SentencePieceTokenizer
+        return super().__new__(cls)
+
     def __init__(self, spec: TokenizerSpec, where: str = "tokenizer"):
         self.name = spec.name
         self.n_vocab = spec.n_vocab
         self.special_tokens = dict(spec.special_tokens)
         self._has_unknown_bytes = max(spec.ranks.values()) >= spec.n_vocab
-        self._enc = _encoding(spec, where)
+        self._enc = build_encoding(spec, where)
         # The Encoding keeps the ranks dict only to pickle itself, which we never do; its Rust core
         # has its own copy. The dict is 6 MB for SmolLM2's 49k tokens, 34 MB for o200k's 200k.
         vars(self._enc).pop("_mergeable_ranks", None)
@@ -35,6 +51,14 @@ class Tokenizer:
             ids = self._enc.encode_ordinary(text)
         if self._has_unknown_bytes:
             ids = [i for i in ids if i < self.n_vocab]
+        return ids
+
+    def encode_parts(self, parts: list[str]) -> list[int]:
+        """Ids of a text cut at its special tokens: parts alternate ordinary text and special-token
+        text (text, special, text, ..., text), as a chat template's renderer finds them."""
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            ids += [self.special_tokens[part]] if k % 2 else self.encode(part)
         return ids
 
     def decode_bytes(self, ids: list[int]) -> bytes:
@@ -56,12 +80,13 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
-def _encoding(spec: TokenizerSpec, where: str) -> tiktoken.Encoding:
-    """tiktoken's Encoding; its Rust core reports some bad input by panicking, which surfaces as
-    pyo3's PanicException, a BaseException that `except Exception` would miss."""
+def build_encoding(spec: TokenizerSpec, where: str, special_tokens: dict[str, int] | None = None) -> tiktoken.Encoding:
+    """tiktoken's Encoding (with the spec's special tokens unless told otherwise); its Rust core
+    reports some bad input by panicking, which surfaces as pyo3's PanicException, a BaseException
+    that `except Exception` would miss."""
     try:
         return tiktoken.Encoding(name=spec.name, pat_str=spec.pat_str, mergeable_ranks=spec.ranks,
-                                 special_tokens=spec.special_tokens)
+                                 special_tokens=spec.special_tokens if special_tokens is None else special_tokens)
     except Exception as exc:
         raise ModelFormatError(f"{where}: tiktoken cannot build this tokenizer ({str(exc)[:200]})") from None
     except BaseException as exc:

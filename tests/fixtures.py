@@ -526,3 +526,214 @@ def random_ids(n, seed=0, vocab=512) -> list[int]:
     import numpy as np
 
     return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-only GGUF files (as llama.cpp's models/ggml-vocab-*.gguf) and their test vectors
+
+
+def llama_cpp_vocab(name: str) -> Path:
+    """llama.cpp's models/ggml-vocab-<name>.gguf (phi-3, llama-bpe, ...)."""
+    return llama_cpp_source() / "models" / f"ggml-vocab-{name}.gguf"
+
+
+def llama_cpp_vocab_tests(vocab: Path) -> list[tuple[str, list[int]]]:
+    """The test vectors beside a ggml-vocab-*.gguf, read as llama.cpp's tests/test-tokenizer-0 does:
+    the .inp texts are separated by lines `__ggml_vocab_test__`, the .out has one line of ids per
+    text, tokenized without BOS and with special-token text kept as text."""
+    raw = Path(f"{vocab}.inp").read_bytes().decode("utf-8")
+    sep = "\n__ggml_vocab_test__\n"
+    texts = raw.split(sep)
+    if raw.endswith(sep):
+        texts.pop()
+    lines = Path(f"{vocab}.out").read_bytes().decode("utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    assert len(texts) == len(lines), (vocab, len(texts), len(lines))
+    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]
+
+
+def write_vocab_gguf(path, *, name: str, model: str, tokens: list[str], types: list[int], pre: str | None = None,
+                     merges: list[str] | None = None, scores: list[float] | None = None,
+                     token_ids: dict[str, int] | None = None, arch: str = "llama") -> Path:
+    """A GGUF holding a vocabulary and no tensors, laid out as llama.cpp's ggml-vocab-*.gguf files:
+    a few architecture keys (llama.cpp reads them even with vocab_only), general.name and the
+    tokenizer.ggml.* keys. token_ids: {"bos": id, "eos": id, ...}."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(4096)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(16)
+    w.add_name(name)
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    for kind, tid in (token_ids or {}).items():
+        getattr(w, f"add_{kind}_token_id")(tid)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def _cached_file(name: str, build) -> Path:
+    """cache_dir()/vocab-gguf-v1/<name>, made by build(path) into a temporary name, then moved."""
+    target = cache_dir() / "vocab-gguf-v1" / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        build(partial)
+        os.replace(partial, target)
+    return target
+
+
+def _gguf_strings(path: Path, *keys: str) -> list:
+    from edgephi.convert.gguf_reader import GGUFFile
+
+    f = GGUFFile(path)
+    return [f.get(k) for k in keys]
+
+
+def byte_level_vocab_gguf(vocab: str, pre: str) -> Path:
+    """A vocabulary-only GGUF of a byte-level vocabulary with the pre-tokenizer name `pre`:
+    vocab "phi4" (cl100k + Phi-4's special tokens) or "phi4_mini" (o200k + Phi-4-mini's), their
+    tokens and merges as transformers' TikTokenConverter writes them (what llama.cpp's converter
+    reads from a checkpoint's tokenizer.json), special tokens as control tokens; or "smollm2",
+    SmolLM2's GGUF vocabulary with its own pre-tokenizer name replaced."""
+    def build_from_json(path):
+        folder = Path(tempfile.mkdtemp(dir=cache_dir()))
+        try:
+            (write_phi4_tokenizer if vocab == "phi4" else write_phi4_mini_tokenizer)(folder)
+            data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        added = {t["content"]: t["id"] for t in data["added_tokens"]}
+        tokens = [""] * (max([*data["model"]["vocab"].values(), *added.values()]) + 1)
+        types = [1] * len(tokens)
+        for text, tid in data["model"]["vocab"].items():
+            tokens[tid] = text
+        for text, tid in added.items():
+            tokens[tid], types[tid] = text, 3
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        write_vocab_gguf(path, name=vocab, model="gpt2", pre=pre, tokens=tokens, types=types, merges=merges,
+                         token_ids={"bos": added["<|endoftext|>"], "eos": added["<|endoftext|>"]})
+
+    def build_smollm2(path):
+        tokens, types, merges = _gguf_strings(smollm2_gguf(), "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                              "tokenizer.ggml.merges")
+        write_vocab_gguf(path, name="smollm2", model="gpt2", pre=pre, tokens=tokens, types=types, merges=merges,
+                         token_ids={"bos": 1, "eos": 2})
+
+    version = importlib.metadata.version("transformers") if vocab != "smollm2" else "gguf"
+    build = build_smollm2 if vocab == "smollm2" else build_from_json
+    return _cached_file(f"{vocab}-{pre}-{version}.gguf", build)
+
+
+# Phi-3's chat tokens swallow the whitespace after them in Microsoft's tokenizer.json (rstrip),
+# as llama.cpp's rule for models named phi-3 sets them; </s> too, and it is not special there.
+PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def phi3_tokenizer_json(folder, microsoft_flags: bool) -> Path:
+    """tokenizer.json (and tokenizer_config.json) of Phi-3's vocabulary as transformers converts
+    llama.cpp's ggml-vocab-phi-3.gguf (AutoTokenizer.from_pretrained(..., gguf_file=...), then
+    save_pretrained; cached, as it takes seconds). transformers sets no lstrip/rstrip flags;
+    microsoft_flags sets the ones Microsoft's Phi-3 tokenizer.json has (rstrip on every added
+    token but PHI3_NO_RSTRIP, </s> not special). tokenizer_config.json names LlamaTokenizer, as
+    the Hub's does; beware: transformers 5's AutoTokenizer then swaps the file's normalizer for
+    Metaspace(prepend_scheme="first"), which gives other ids (" Hello" -> [15043], where the
+    tokenizer.json and llama.cpp give [29871, 15043]); read the tokenizer.json with `tokenizers`
+    or transformers.TokenizersBackend(tokenizer_file=...)."""
+    def build(path):
+        import transformers
+
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            shutil.copyfile(llama_cpp_vocab("phi-3"), Path(tmp) / "vocab.gguf")
+            tok = transformers.AutoTokenizer.from_pretrained(tmp, gguf_file="vocab.gguf")
+            tok.save_pretrained(Path(tmp) / "out")
+            shutil.copyfile(Path(tmp) / "out" / "tokenizer.json", path)
+
+    version = importlib.metadata.version("transformers")
+    data = json.loads(_cached_file(f"phi-3-tokenizer-transformers{version}.json", build).read_text(encoding="utf-8"))
+    if microsoft_flags:
+        for token in data["added_tokens"]:
+            token["rstrip"] = token["content"] not in PHI3_NO_RSTRIP
+            token["special"] = token["content"] != "</s>"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer"}))
+    return folder
+
+
+def write_tiny_phi3_gguf(path, vocab_gguf: Path, seed: int = 0) -> Path:
+    """A phi3 GGUF of a tiny random model (2 layers, width 64, f32, tied embeddings) carrying the
+    vocabulary of `vocab_gguf` (a ggml-vocab-*.gguf: its tokenizer.* keys, chat template and
+    general.name), for converting end to end with a real vocabulary."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from edgephi.convert.gguf_reader import GGUFFile
+
+    vocab = GGUFFile(vocab_gguf)
+    tokens = vocab.get("tokenizer.ggml.tokens")
+    rng = np.random.default_rng(seed)
+
+    def weights(*shape):
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    D, F, layers = 64, 128, 2
+    w = GGUFWriter(str(path), "phi3")
+    w.add_name(vocab.get("general.name"))
+    w.add_context_length(4096)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_block_count(layers)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(16)
+    w.add_rope_freq_base(10000.0)
+    w.add_file_type(0)
+    w.add_tokenizer_model(vocab.get("tokenizer.ggml.model"))
+    w.add_tokenizer_pre(vocab.get("tokenizer.ggml.pre", "default"))
+    w.add_token_list(tokens)
+    w.add_token_scores(vocab.get("tokenizer.ggml.scores"))
+    w.add_token_types(vocab.get("tokenizer.ggml.token_type"))
+    for kind in ("bos", "eos", "unknown", "padding"):
+        tid = vocab.get(f"tokenizer.ggml.{kind}_token_id")
+        if tid is not None:
+            w.add_uint32(f"tokenizer.ggml.{kind}_token_id", tid)
+    w.add_add_bos_token(bool(vocab.get("tokenizer.ggml.add_bos_token", False)))
+    w.add_add_eos_token(bool(vocab.get("tokenizer.ggml.add_eos_token", False)))
+    if vocab.get("tokenizer.chat_template"):
+        w.add_chat_template(vocab.get("tokenizer.chat_template"))
+    w.add_tensor("token_embd.weight", weights(len(tokens), D))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + weights(D))
+        w.add_tensor(f"blk.{i}.attn_qkv.weight", weights(3 * D, D))
+        w.add_tensor(f"blk.{i}.attn_output.weight", weights(D, D))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + weights(D))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", weights(2 * F, D))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", weights(D, F))
+    w.add_tensor("output_norm.weight", 1 + weights(D))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

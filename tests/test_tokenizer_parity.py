@@ -106,9 +106,10 @@ def test_gguf_tokenizer_matches_llama_cpp(smollm2_gguf, tmp_path, texts):
                                                                           special=True)
 
 
-def test_sentencepiece_vocabularies_are_refused_clearly(tmp_path):
+def test_byte_fallback_vocabulary_without_byte_tokens_is_refused_clearly(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({
         "model": {"type": "BPE", "byte_fallback": True, "vocab": {"<unk>": 0}, "merges": []},
         "normalizer": None, "pre_tokenizer": None, "added_tokens": []}))
-    with pytest.raises(EdgephiError, match="SentencePiece.*not supported"):
+    with pytest.raises(EdgephiError, match=r"tokenizer\.json: SentencePiece vocabulary not supported: it lacks the "
+                                           r"byte token <0x00>"):
         spec_from_tokenizer_json(tmp_path / "tokenizer.json")
