@@ -191,9 +191,9 @@ def open_model(model_path, threads, context, backend=None):
     folder = model_folder(model_path)
     notice = None
     if backend != "onnxruntime" and not is_onnx_folder(folder):
-        # the first run on a machine compiles the kernels into the cache: say so, not 20 s of silence
+        # the first run on a machine compiles the kernels into the cache: say so, not a long silence
         notice = threading.Timer(COMPILE_NOTICE_AFTER_S, lambda: click.echo(
-            "compiling edgephi's kernels for this CPU (first run only, about 20 s)...", err=True))
+            "compiling edgephi's kernels for this CPU (first run only, under a minute on a laptop)...", err=True))
         notice.daemon = True
         notice.start()
     try:

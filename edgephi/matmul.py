@@ -76,7 +76,9 @@ def _matmul_quantized(isa, w, act, out):
         tiled = t_stop - (t_stop - t_start) % TILE_TOKENS
         for n in prange(N):
             for t in range(t_start, tiled, TILE_TOKENS):
-                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = tile_dot(isa, w, act, n, t)
+                sums = tile_dot(isa, w, act, n, t)
+                for i in range(TILE_TOKENS):
+                    out[t + i, n] = sums[i]
             for t in range(tiled, t_stop):
                 out[t, n] = row_dot(isa, w, act, n, t)
 

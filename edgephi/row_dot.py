@@ -32,6 +32,7 @@ from .llvm_ir import (
     broadcast,
     const,
     counted_loop,
+    f16_at,
     halves,
     lanes,
     load_vector,
@@ -42,7 +43,7 @@ from .llvm_ir import (
 )
 from .quant import FORMATS
 
-TILE_TOKENS = 4  # tokens per prefill tile: each block of weights is unpacked once for four tokens
+TILE_TOKENS = 8  # tokens per prefill tile: each block of weights is unpacked once for eight tokens
 PREFETCH_BYTES = 4096
 GROUP_BLOCKS = 8  # blocks whose scales are converted at once: a float16 load fills one 8-lane vector
 
@@ -142,8 +143,42 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
             return accs + new_offsets
         return body
 
+    def two_scale_group(u, accs):
+        """Eight blocks of a two-scale format (q6_k: one super-block) on 16-lane block dots whose
+        first eight lanes are the first half's: the 16 scales are converted at once, and each
+        block's pair of them picked out per half."""
+        accs = list(accs)
+        b0 = builder.mul(u, const(GROUP_BLOCKS))
+        d = f16_at(builder, row.base["d"], builder.add(row.row["d"], builder.mul(u, const(2))))
+        sc = load_vector(builder, row.base["sc"], builder.add(row.row["sc"], builder.mul(u, const(16))), I8, 16, 1)
+        scales = builder.fmul(builder.sitofp(sc, vec(F32, 16)), broadcast(builder, d, 16), flags=FAST)
+        group_at = builder.add(row.row["qs"], builder.mul(b0, const(16)))
+        for line in (PREFETCH_BYTES, PREFETCH_BYTES + 64):
+            prefetch(builder, row.base["qs"], group_at, line)
+        prefetch(builder, row.base["qh"], builder.add(row.row["qh"], builder.mul(b0, const(8))), PREFETCH_BYTES // 2)
+        per_token = []
+        for act in tokens:
+            x_d = builder.load(builder.bitcast(builder.gep(act.xd, [b0]), vec(F32, 8).as_pointer()), align=4)
+            twice = builder.shuffle_vector(x_d, x_d, lanes([i // 2 for i in range(16)]))
+            per_token.append(builder.fmul(scales, twice, flags=FAST))
+        for k in range(GROUP_BLOCKS):
+            b = builder.add(b0, const(k))
+            w = codec.weights(builder, row, b)
+            pick = lanes([2 * k] * (ops.acc_lanes // 2) + [2 * k + 1] * (ops.acc_lanes // 2))
+            for i, act in enumerate(tokens):
+                x = load_vector(builder, act.xq, builder.mul(b, const(32)), I16, 32, 2)
+                dot = builder.sitofp(ops.block_dot(builder, w, x), vec(F32, ops.acc_lanes))
+                scale = builder.shuffle_vector(per_token[i], per_token[i], pick)
+                accs[i] = builder.fadd(accs[i], builder.fmul(dot, scale, flags=FAST), flags=FAST)
+        return accs
+
     zero_acc = splat(F32, ops.acc_lanes, 0.0)
-    if ops.pair_dot is not None and codec.pair_dots:
+    if codec.two_scales and ops.half_dot is None:
+        count = builder.ashr(row.n_blocks, const(3))
+        accs = counted_loop(builder, count, [zero_acc] * n, two_scale_group, f"{codec.name}.group")
+        carried = counted_loop(builder, row.n_blocks, accs + [ir.Constant(F32, 0.0)] * n, block,
+                               f"{codec.name}.rowdot", start=builder.shl(count, const(3)))
+    elif ops.pair_dot is not None and codec.pair_dots:
         # groups of eight blocks (their scales converted in one go), then pairs, then an odd
         # count's last block on 16-bit words (K-quant rows are whole groups: super-blocks)
         accs, offsets = [zero_acc] * n, [ir.Constant(F32, 0.0)] * n
