@@ -43,7 +43,7 @@ from .llvm_ir import (
 )
 from .quant import FORMATS
 
-TILE_TOKENS = 8  # tokens per prefill tile: each block of weights is unpacked once for eight tokens
+TILE_TOKENS = 4  # tokens per prefill tile: each block of weights is unpacked once for four tokens
 PREFETCH_BYTES = 4096
 GROUP_BLOCKS = 8  # blocks whose scales are converted at once: a float16 load fills one 8-lane vector
 
