@@ -5,6 +5,7 @@ tiktoken's BPE merges the adjacent pair whose merged bytes have the lowest rank;
 merges by merge-list order. With the merge of each token listed at the token's own rank, and whole
 pieces found in the vocabulary taken as they are (`ignore_merges`, as tiktoken does), both give the
 same ids. A token's merge is the last step of BPE over its own bytes with only lower ranks allowed.
+A SentencePiece vocabulary (Phi-3) is written as Hugging Face writes Llama's instead.
 """
 
 from __future__ import annotations
@@ -83,20 +84,59 @@ def tokenizer_json(spec: TokenizerSpec) -> dict:
     }
 
 
-def check_writable(spec: TokenizerSpec, where) -> None:
-    if spec.sentencepiece is not None:
-        raise EdgephiError(f"{where}: the model's SentencePiece vocabulary (Phi-3/3.5) cannot be written as a "
-                           "tokenizer.json yet, so it cannot be exported to ONNX; byte-level vocabularies can")
+def sentencepiece_tokenizer_json(spec: TokenizerSpec) -> dict:
+    """A SentencePiece BPE vocabulary (Phi-3) as Hugging Face writes Llama's: a BPE model with byte
+    fallback whose merges are every split of a piece into two pieces, in the piece's priority
+    order (as transformers' SentencePiece converter lists them), so that merging by merge order
+    is SentencePiece's merging by score."""
+    t = spec.sentencepiece
+    special = set(spec.special_tokens)
+    vocab: dict[str, int] = {}
+    for i, piece in enumerate(t.pieces):
+        if piece not in special:
+            vocab.setdefault(piece, i)
+    merges = []
+    for ids in t.rank_ids:  # pieces by priority (partial characters stand for several ids: none merge)
+        piece = t.pieces[ids[0]] if len(ids) == 1 else ""
+        if len(piece) < 2 or vocab.get(piece) != ids[0]:
+            continue
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [list(pair) for pair in sorted(splits, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": s in t.lstrip, "rstrip": s in t.rstrip,
+              "normalized": False, "special": True} for s, i in sorted(spec.special_tokens.items(), key=lambda kv: kv[1])]
+    if t.space_prefix == "every" and not t.prefix_unless_space:
+        normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                          {"type": "Replace", "pattern": {"String": " "},
+                                                           "content": "▁"}]}
+        pre = None
+    else:
+        normalizer = None
+        pre = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always" if t.space_prefix == "every"
+               else t.space_prefix, "split": False}
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+    if t.strip_leading_space:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    unknown = next((p for p in ("<unk>",) if p in vocab or p in special), None)
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unknown, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
 
 
 def write_hf_tokenizer(spec: TokenizerSpec, generation: dict, folder: Path, context_length: int) -> None:
     """tokenizer.json and tokenizer_config.json (chat template, bos/eos) into `folder`."""
-    check_writable(spec, folder)
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(spec), ensure_ascii=False), encoding="utf-8")
+    spm = spec.sentencepiece is not None
+    data = sentencepiece_tokenizer_json(spec) if spm else tokenizer_json(spec)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     by_id = {i: s for s, i in spec.special_tokens.items()}
     eos = generation.get("eos_token_ids") or []
     config = {
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": "LlamaTokenizer" if spm else "GPT2Tokenizer",
         "add_bos_token": bool(generation.get("add_bos_token")),
         "add_prefix_space": False,
         "bos_token": by_id.get(generation.get("bos_token_id")),
@@ -105,8 +145,7 @@ def write_hf_tokenizer(spec: TokenizerSpec, generation: dict, folder: Path, cont
         "unk_token": None,
         "clean_up_tokenization_spaces": False,
         "model_max_length": context_length,
-        "added_tokens_decoder": {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True} for s, i in spec.special_tokens.items()},
+        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in data["added_tokens"]},
     }
     if generation.get("chat_template"):
         config["chat_template"] = generation["chat_template"]
