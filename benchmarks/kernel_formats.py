@@ -20,13 +20,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgephi import matmul  # noqa: E402
-from edgephi.convert.gguf_blocks import planes_from_gguf_blocks  # noqa: E402
-from edgephi.convert.quantize import quantize  # noqa: E402
-from edgephi.isa import choose_isa  # noqa: E402
-from edgephi.quant import FORMATS  # noqa: E402
-from edgephi.records import activations, linear_from_planes  # noqa: E402
-from tests.test_quant import random_gguf_blocks  # noqa: E402
+from edgephi import matmul
+from edgephi.convert.gguf_blocks import planes_from_gguf_blocks
+from edgephi.convert.quantize import quantize
+from edgephi.isa import choose_isa
+from edgephi.quant import FORMATS
+from edgephi.records import activations, linear_from_planes
+from tests.test_quant import random_gguf_blocks
 
 NAMES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgephi.errors import EdgephiError
 from edgephi.tokenizer_files import TokenizerSpec, bytes_to_unicode
 
 from .tokenizers import DIGITS_THEN_GPT2_PATTERN, GPT2_PATTERN

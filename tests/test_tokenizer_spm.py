@@ -10,7 +10,6 @@ import pytest
 import tokenizers
 import transformers
 
-from edgephi import models
 from edgephi.chat_template import ChatTemplate
 from edgephi.convert import convert
 from edgephi.convert.gguf_reader import GGUFFile
