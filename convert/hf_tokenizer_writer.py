@@ -116,7 +116,7 @@ def sentencepiece_tokenizer_json(spec: TokenizerSpec) -> dict:
                 {"type": "Fuse"}]
     if t.strip_leading_space:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
-    unknown = next((p for p in ("<unk>",) if p in vocab or p in special), None)
+    unknown = "<unk>" if "<unk>" in vocab or "<unk>" in special else None
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": None,

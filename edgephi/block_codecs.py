@@ -101,13 +101,14 @@ class BlockCodec:
             q = builder.or_(q, builder.shuffle_vector(a_bits, b_bits, lanes(order)))
         return q
 
-    def _super_parts(self, builder, row, b, count, plane_offset):
-        """The super-block scale (d, or m for the minimums) of blocks b .. b + count - 1 (which lie
-        in one super-block) times their scale bytes, as <count x float> (count 1: a float)."""
+    def _super_parts(self, builder, row, b, count, plane):
+        """Blocks b .. b + count - 1 (in one super-block): the super-block's `plane` (d for the
+        scales, m for the minimums) times their bytes in sc (scales first, then minimums), as
+        <count x float> (count 1: a float)."""
         u = builder.lshr(b, const(3))
-        d = f16_at(builder, row.base["d" if plane_offset == 0 else "m"],
-                   builder.add(row.row["d" if plane_offset == 0 else "m"], builder.mul(u, const(2))))
-        at = builder.add(builder.mul(u, const(16)), builder.add(builder.and_(b, const(7)), const(plane_offset)))
+        d = f16_at(builder, row.base[plane], builder.add(row.row[plane], builder.mul(u, const(2))))
+        first = 0 if plane == "d" else 8
+        at = builder.add(builder.mul(u, const(16)), builder.add(builder.and_(b, const(7)), const(first)))
         ptr = row.at(builder, "sc", at)
         if count == 1:
             return builder.fmul(d, builder.uitofp(builder.load(ptr), F32))
@@ -119,7 +120,7 @@ class BlockCodec:
         if self.scales == "block":
             return f16_at(builder, row.base["d"], builder.add(row.row["d"], builder.mul(b, const(2))))
         if not self.two_scales:
-            return self._super_parts(builder, row, b, 1, 0)
+            return self._super_parts(builder, row, b, 1, "d")
         u = builder.lshr(b, const(3))
         d = f16_at(builder, row.base["d"], builder.add(row.row["d"], builder.mul(u, const(2))))
         ptr = row.at(builder, "sc", builder.mul(b, const(2)))
@@ -130,7 +131,7 @@ class BlockCodec:
         """The scales of blocks b0 .. b0 + width - 1 as <width x float> (one-scale formats)."""
         if self.scales == "block":
             return lanes_at(builder, row.base["d"], builder.add(row.row["d"], builder.mul(b0, const(2))), True, width)
-        return self._super_parts(builder, row, b0, width, 0)
+        return self._super_parts(builder, row, b0, width, "d")
 
     def offset_term(self, builder, scale, row, b):
         """The value each weight of block b is offset by (times the block's activation sum), or None."""
@@ -139,7 +140,7 @@ class BlockCodec:
         if self.offset == "centre":
             return builder.fmul(scale, ir.Constant(F32, -float(self.centre)))
         if self.offset == "super_minimum":
-            return builder.fneg(self._super_parts(builder, row, b, 1, 8))
+            return builder.fneg(self._super_parts(builder, row, b, 1, "m"))
         return None
 
     def offset_lanes(self, builder, scales, row, b0, width):
@@ -148,7 +149,7 @@ class BlockCodec:
             return lanes_at(builder, row.base["m"], builder.add(row.row["m"], builder.mul(b0, const(2))), True, width)
         if self.offset == "centre":
             return builder.fmul(scales, splat(F32, width, -float(self.centre)))
-        return builder.fneg(self._super_parts(builder, row, b0, width, 8))
+        return builder.fneg(self._super_parts(builder, row, b0, width, "m"))
 
     def side_planes(self) -> list[tuple[str, int]]:
         """The planes besides qs a row dot streams, with their bytes per block (for prefetching;
