@@ -75,6 +75,13 @@ def _vpdpbusd(builder, acc, unsigned_bytes, signed_bytes):
                           [acc, builder.bitcast(unsigned_bytes, v16), builder.bitcast(signed_bytes, v16)])
 
 
+def _vpdpwssd(builder, acc, a, b):
+    """acc[i] + a[2i] b[2i] + a[2i + 1] b[2i + 1] over <32 x i16> (AVX-512 VNNI), no saturation."""
+    v16 = vec(I32, 16)
+    return call_intrinsic(builder, "llvm.x86.avx512.vpdpwssd.512", v16,
+                          [acc, builder.bitcast(a, v16), builder.bitcast(b, v16)])
+
+
 def _pair_dot_vnni(builder, nibbles, low, high):
     """Exact int32 dot partials of a pair's nibbles <64 x i8> with activations x = 256 h + l given
     as their low and high bytes in PAIR_ORDER, as 16 lanes (lanes 0-3 and 8-11 block A, 4-7 and
@@ -96,6 +103,9 @@ class OpSet:
     # mixes the halves' lanes (q6_k scales each half apart). None: block_dot's first acc_lanes / 2
     # lanes are the first half's.
     half_dot: Callable | None = None
+    # (builder, acc <acc_lanes x i32>, a, b <2 acc_lanes x i16>) -> acc + pair products, one
+    # instruction (vpdpwssd) where the ISA has it; None: an add after the word dot
+    word_dot_add: Callable | None = None
 
     @property
     def pair_bytes(self) -> bool:
@@ -109,7 +119,7 @@ OP_SETS = {
     "generic-arm": PLAIN,
     "avx2": OpSet(8, _split_block_dot(_pmaddwd_avx2), half_dot=_pmaddwd_avx2),
     "avx512": OpSet(16, _block_dot_avx512),
-    "avx512-vnni": OpSet(16, _block_dot_avx512, _pair_dot_vnni),
+    "avx512-vnni": OpSet(16, _block_dot_avx512, _pair_dot_vnni, word_dot_add=_vpdpwssd),
 }
 assert set(OP_SETS) == set(ISAS)
 

@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from .float16 import f16_to_f32
+from .gemm_tile import PAIRS, panel_shape, panel_tile, repack_panel
 from .isa_ops import PAIR_BYTES, pair_byte_index
 from .quant import FORMATS
 from .row_dot import TILE_TOKENS, row_dot, tile_dot
@@ -24,6 +25,8 @@ F32, F16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = (
 # in forward). forward() is cached and compiles them in-process, so its cache is whole.
 CACHE_PARALLEL = False
 TOKEN_BLOCK_BYTES = 192 * 1024  # int16 activations per token block: stays in a core's L2 while rows stream
+PANEL_MIN_TOKENS = 8  # from here on a panel's unpacking costs less than it saves (benchmarks/prefill_gemm.py)
+PANEL_CHUNKS = 64  # at most: each allocates its panel once; several per thread even out slow cores
 
 
 @njit(cache=True, fastmath=True)
@@ -58,16 +61,40 @@ def _quantize_rows(isa, x, act):
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True)
+def _matmul_panels(isa, w, act, out):
+    """out[t, n] = W[n] . x_hat[t] for many tokens: each panel of rows is unpacked once
+    (gemm_tile.repack_panel) into a buffer of its chunk, then every tile of tokens runs through it."""
+    T, N = out.shape
+    rows, tile = panel_shape(isa)
+    n_blocks = w.qs.shape[1] // (16 if w.format != Q8_0 else 32)
+    n_panels = (N + rows - 1) // rows
+    chunks = min(n_panels, PANEL_CHUNKS)
+    offsets = w.format == Q4_1 or w.format == Q5_1 or w.format == Q4_K or w.format == Q5_K
+    for c in prange(chunks):
+        wq = np.empty(n_blocks * PAIRS * rows * 2, np.int16)
+        ws = np.empty(n_blocks * rows, np.float32)
+        wo = np.empty(n_blocks * rows, np.float32)
+        for g in range(c * n_panels // chunks, (c + 1) * n_panels // chunks):
+            n0 = g * rows
+            n_rows = min(rows, N - n0)
+            repack_panel(isa, w, n0, n_rows, wq, ws, wo)
+            for t0 in range(0, T, tile):
+                panel_tile(isa, wq, ws, wo, offsets, act, n_blocks, t0, min(tile, T - t0), out, n0, n_rows)
+
+
+@njit(cache=CACHE_PARALLEL, parallel=True)
 def _matmul_quantized(isa, w, act, out):
-    """out[t, n] = W[n] . x_hat[t], one weight row per task. Decode is nothing but the row dots.
-    Prefill goes in blocks of tokens whose activations fit in L2, so every row reads them from
-    there (with 3072-wide inputs, 256 tokens are 1.5 MB), in tiles of TILE_TOKENS that unpack
-    each block of weights once, then single tokens. One row per task measured faster than tiles
-    of rows with these block dots."""
+    """out[t, n] = W[n] . x_hat[t], one weight row per task. Decode is nothing but the row dots;
+    steps of PANEL_MIN_TOKENS tokens or more go through panels (_matmul_panels). Shorter ones go
+    in blocks of tokens whose activations fit in L2, so every row reads them from there, in tiles
+    of TILE_TOKENS that unpack each block of weights once, then single tokens."""
     T, N = out.shape
     if T == 1:
         for n in prange(N):
             out[0, n] = row_dot(isa, w, act, n, 0)
+        return
+    if T >= PANEL_MIN_TOKENS:
+        _matmul_panels(isa, w, act, out)
         return
     K = w.qs.shape[1] * (1 if w.format == Q8_0 else 2)
     block = max(TILE_TOKENS, TOKEN_BLOCK_BYTES // (2 * K) // TILE_TOKENS * TILE_TOKENS)

@@ -149,7 +149,7 @@ def test_quantize_activations_matches_twin():
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
 @pytest.mark.parametrize("N,K", [(37, 96), (130, 512), (5, 8192)])  # 8192: blocks of 12 tokens (L2-sized)
-@pytest.mark.parametrize("T", [1, 7, 30])  # one token (decode); tiles of four plus single tokens
+@pytest.mark.parametrize("T", [1, 7, 30])  # decode; row-dot tiles of four plus single tokens; panels
 def test_quantized_linear_is_exact_on_int16_activations(name, N, K, T):
     """Given the int16 activations, the block dots of quantized weights are exact integer work: the
     kernel equals the float64 product of the dequantized weights with the dequantized activations."""
@@ -561,7 +561,7 @@ def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
 @pytest.mark.parametrize("isa", [name for name in RUNNABLE if name != HOST.name])
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", *GGUF_ONLY_NAMES])
 @pytest.mark.parametrize("N,K", [(37, 96), (130, 512)])
-@pytest.mark.parametrize("T", [1, 11])  # decode; two tiles of four and three single tokens
+@pytest.mark.parametrize("T", [1, 7, 11])  # decode; a row-dot tile and three single tokens; panels
 def test_quantized_linear_exact_on_every_isa_the_host_runs(isa, name, N, K, T):
     if K % FORMATS[name].row_multiple:
         K *= 256 // math.gcd(K, 256)  # K-quant rows are whole super-blocks
