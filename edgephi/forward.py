@@ -17,21 +17,32 @@ ATTENTION_TOKENS = 16  # tokens per attention call in a prefill chunk: scores ar
 
 
 def new_scratch(cfg, tokens: int, capacity: int) -> Scratch:
-    """Scratch for steps of up to `tokens` tokens over a KV ring of `capacity` slots."""
+    """Scratch for steps of up to `tokens` tokens over a KV ring of `capacity` slots. The attention
+    block's qkv and attn and the MLP's gate_up and act are never live at once, so they share one
+    buffer (prefill chunks are as long as scratch bytes allow, and panels gain from long ones)."""
     D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     f32 = np.float32
+    Q, A = (H + 2 * Hk) * Dh, H * Dh
+    shared = np.zeros(tokens * _shared_floats(cfg), f32)
     return Scratch(
-        x=np.zeros((tokens, D), f32), xn=np.zeros((tokens, D), f32), qkv=np.zeros((tokens, (H + 2 * Hk) * Dh), f32),
-        attn=np.zeros((tokens, H * Dh), f32), tmp=np.zeros((tokens, D), f32),
-        gate_up=np.zeros((tokens, 2 * F), f32), act=np.zeros((tokens, F), f32),
+        x=np.zeros((tokens, D), f32), xn=np.zeros((tokens, D), f32),
+        qkv=shared[:tokens * Q].reshape(tokens, Q), attn=shared[tokens * Q:tokens * (Q + A)].reshape(tokens, A),
+        tmp=np.zeros((tokens, D), f32),
+        gate_up=shared[:tokens * 2 * F].reshape(tokens, 2 * F), act=shared[tokens * 2 * F:tokens * 3 * F].reshape(tokens, F),
         scores=np.zeros((min(tokens, ATTENTION_TOKENS) * H, capacity), f32),
         quantized=activations(tokens, max(D, F, H * Dh)))
 
 
+def _shared_floats(cfg) -> int:
+    """Floats per token of the buffer qkv + attn and gate_up + act take turns in."""
+    F, Dh, H, Hk = cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    return max((H + 2 * Hk) * Dh + H * Dh, 3 * F)
+
+
 def scratch_bytes_per_token(cfg) -> int:
-    """Scratch bytes that grow with the step's tokens (all but the scores): Phi-4-mini's 200 KB."""
-    D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    floats = 3 * D + (H + 2 * Hk) * Dh + H * Dh + 3 * F
+    """Scratch bytes that grow with the step's tokens (all but the scores): Phi-4-mini's 168 KB."""
+    D, F, Dh, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
+    floats = 3 * D + _shared_floats(cfg)
     widest = max(D, F, H * Dh)
     return 4 * floats + 4 * widest + 8 * (widest // 32)  # Activations: int16 + 2 bytes a value, 2 floats a block
 

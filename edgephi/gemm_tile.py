@@ -295,3 +295,4 @@ def panel_tile(typingctx, isa, wq, ws, wo, offsets, act, n_blocks, t0, nt, out, 
         return context.get_dummy_value()
 
     return sig, codegen
+

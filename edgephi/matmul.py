@@ -83,19 +83,11 @@ def _matmul_panels(isa, w, act, out):
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True)
-def _matmul_quantized(isa, w, act, out):
-    """out[t, n] = W[n] . x_hat[t], one weight row per task. Decode is nothing but the row dots;
-    steps of PANEL_MIN_TOKENS tokens or more go through panels (_matmul_panels). Shorter ones go
-    in blocks of tokens whose activations fit in L2, so every row reads them from there, in tiles
-    of TILE_TOKENS that unpack each block of weights once, then single tokens."""
+def _matmul_row_tiles(isa, w, act, out):
+    """out[t, n] = W[n] . x_hat[t] through the row dots, one weight row per task: in blocks of
+    tokens whose activations fit in L2, in tiles of TILE_TOKENS that unpack each block of weights
+    once, then single tokens. Per token the same sums as decode's, bit for bit."""
     T, N = out.shape
-    if T == 1:
-        for n in prange(N):
-            out[0, n] = row_dot(isa, w, act, n, 0)
-        return
-    if T >= PANEL_MIN_TOKENS:
-        _matmul_panels(isa, w, act, out)
-        return
     K = w.qs.shape[1] * (1 if w.format == Q8_0 else 2)
     block = max(TILE_TOKENS, TOKEN_BLOCK_BYTES // (2 * K) // TILE_TOKENS * TILE_TOKENS)
     for t_start in range(0, T, block):
@@ -108,6 +100,21 @@ def _matmul_quantized(isa, w, act, out):
                     out[t + i, n] = sums[i]
             for t in range(tiled, t_stop):
                 out[t, n] = row_dot(isa, w, act, n, t)
+
+
+@njit(cache=CACHE_PARALLEL, parallel=True)
+def _matmul_quantized(isa, w, act, out):
+    """out[t, n] = W[n] . x_hat[t]: decode is nothing but the row dots; steps of fewer than
+    PANEL_MIN_TOKENS tokens (prompt-lookup's verify steps, short turns) take the row tiles, so their
+    logits equal decode's; longer ones go through panels."""
+    T, N = out.shape
+    if T == 1:
+        for n in prange(N):
+            out[0, n] = row_dot(isa, w, act, n, 0)
+    elif T < PANEL_MIN_TOKENS:
+        _matmul_row_tiles(isa, w, act, out)
+    else:
+        _matmul_panels(isa, w, act, out)
 
 
 @njit(cache=True, inline="always")
