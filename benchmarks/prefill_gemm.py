@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernel_formats import NAMES, median_seconds, planes_of  # noqa: E402
-from edgephi import matmul  # noqa: E402
-from edgephi.isa import choose_isa  # noqa: E402
-from edgephi.records import activations, linear_from_planes  # noqa: E402
+from benchmarks.kernel_formats import NAMES, median_seconds, planes_of
+from edgephi import matmul
+from edgephi.isa import choose_isa
+from edgephi.records import activations, linear_from_planes
 
 
 def main() -> None:
@@ -46,8 +46,9 @@ def main() -> None:
             act, out = activations(T, args.cols), np.empty((T, args.rows), np.float32)
             matmul._quantize_rows(isa, x, act)
             macs = T * args.rows * args.cols / 1e9
-            panels = macs / median_seconds(lambda: matmul._matmul_panels(isa, w, act, out), args.repeat)
-            tiles = macs / median_seconds(lambda: matmul._matmul_row_tiles(isa, w, act, out), args.repeat)
+            panels = macs / median_seconds(lambda w=w, act=act, out=out: matmul._matmul_panels(isa, w, act, out), args.repeat)
+            tiles = macs / median_seconds(lambda w=w, act=act, out=out: matmul._matmul_row_tiles(isa, w, act, out),
+                                           args.repeat)
             cells.append(f"{panels:6.1f} / {tiles:5.1f} {panels / tiles:4.2f}x")
         print(f"{name:8}" + "".join(f"{c:>22}" for c in cells), flush=True)
 

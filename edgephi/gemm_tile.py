@@ -24,7 +24,21 @@ from numba.extending import intrinsic
 
 from .block_codecs import CODECS, RowPlanes
 from .isa_ops import op_set
-from .llvm_ir import F32, FAST, I8, I16, I32, array_rows, broadcast, const, counted_loop, f16_at, lanes, splat, vec
+from .llvm_ir import (
+    F32,
+    FAST,
+    I8,
+    I16,
+    I32,
+    array_rows,
+    broadcast,
+    const,
+    counted_loop,
+    f16_at,
+    lanes,
+    splat,
+    vec,
+)
 from .quant import FORMATS
 
 PAIRS = 16  # pairs of values per block of 32
@@ -45,8 +59,8 @@ def _word_dot_add(ops):
 @intrinsic
 def panel_shape(typingctx, isa):
     """(rows per panel, tokens per tile) for the ISA, compile-time constants."""
-    lanes = op_set(isa).acc_lanes
-    shape = (2 * lanes, TILE_TOKENS[lanes])
+    width = op_set(isa).acc_lanes
+    shape = (2 * width, TILE_TOKENS[width])
     sig = types.UniTuple(types.intp, 2)(isa)
 
     def codegen(context, builder, signature, args):
@@ -173,54 +187,54 @@ def repack_panel(typingctx, isa, w, n0, nr, wq, ws, wo):
 def _emit_tile(builder, ops, panel, tokens, n_blocks):
     """The float sums of one panel with len(tokens) tokens' activations (xq i16*, xd f32*, xs f32*),
     without the offsets: per token, two <L x float> vectors of rows."""
-    lanes = ops.acc_lanes
-    panel_rows = 2 * lanes
+    width = ops.acc_lanes
+    panel_rows = 2 * width
     word_dot_add = _word_dot_add(ops)
-    wq_p, ws_p, wo_p = panel
-    words_t = vec(I16, 2 * lanes)
+    wq_p, ws_p, _ = panel
+    words_t = vec(I16, 2 * width)
     n = len(tokens)
 
     def block(b, accs):
-        sums = [[splat(I32, lanes, 0)] * 2 for _ in range(n)]
+        sums = [[splat(I32, width, 0)] * 2 for _ in range(n)]
         base = builder.mul(b, const(PAIRS * panel_rows))
         for p in range(PAIRS):
-            w = [builder.load(builder.bitcast(builder.gep(wq_p, [builder.add(base, const(p * panel_rows + v * lanes))]),
+            w = [builder.load(builder.bitcast(builder.gep(wq_p, [builder.add(base, const(p * panel_rows + v * width))]),
                                               words_t.as_pointer()), align=4) for v in range(2)]  # wq_p: i32*, pairs
             for t, (xq, _, _) in enumerate(tokens):
                 at = builder.add(builder.mul(b, const(PAIRS)), const(p))
                 pair = builder.load(builder.gep(builder.bitcast(xq, I32.as_pointer()), [at]), align=4)
-                x = builder.bitcast(broadcast(builder, pair, lanes), words_t)
+                x = builder.bitcast(broadcast(builder, pair, width), words_t)
                 for v in range(2):
                     sums[t][v] = word_dot_add(builder, sums[t][v], w[v], x)
         at = builder.mul(b, const(panel_rows))
-        scales = [builder.load(builder.bitcast(builder.gep(ws_p, [builder.add(at, const(v * lanes))]),
-                                               vec(F32, lanes).as_pointer()), align=4) for v in range(2)]
+        scales = [builder.load(builder.bitcast(builder.gep(ws_p, [builder.add(at, const(v * width))]),
+                                               vec(F32, width).as_pointer()), align=4) for v in range(2)]
         new = []
         for t, (_, xd, _) in enumerate(tokens):
-            x_d = broadcast(builder, builder.load(builder.gep(xd, [b])), lanes)
+            x_d = broadcast(builder, builder.load(builder.gep(xd, [b])), width)
             for v in range(2):
                 scale = builder.fmul(scales[v], x_d, flags=FAST)
-                new.append(builder.fadd(accs[2 * t + v], builder.fmul(builder.sitofp(sums[t][v], vec(F32, lanes)),
+                new.append(builder.fadd(accs[2 * t + v], builder.fmul(builder.sitofp(sums[t][v], vec(F32, width)),
                                                                       scale, flags=FAST), flags=FAST))
         return new
 
-    zero = splat(F32, lanes, 0.0)
+    zero = splat(F32, width, 0.0)
     accs = counted_loop(builder, n_blocks, [zero] * (2 * n), block, "panel.blocks")
     return [[accs[2 * t], accs[2 * t + 1]] for t in range(n)]
 
 
-def _emit_offsets(builder, lanes, panel, tokens, n_blocks, sums):
+def _emit_offsets(builder, width, panel, tokens, n_blocks, sums):
     """sums plus each block's offsets times the token's activation sum (formats with a minimum)."""
     wo_p = panel[2]
     n = len(tokens)
 
     def block(b, accs):
-        at = builder.mul(b, const(2 * lanes))
-        offsets = [builder.load(builder.bitcast(builder.gep(wo_p, [builder.add(at, const(v * lanes))]),
-                                                vec(F32, lanes).as_pointer()), align=4) for v in range(2)]
+        at = builder.mul(b, const(2 * width))
+        offsets = [builder.load(builder.bitcast(builder.gep(wo_p, [builder.add(at, const(v * width))]),
+                                                vec(F32, width).as_pointer()), align=4) for v in range(2)]
         new = []
         for t, (_, _, xs) in enumerate(tokens):
-            x_s = broadcast(builder, builder.load(builder.gep(xs, [b])), lanes)
+            x_s = broadcast(builder, builder.load(builder.gep(xs, [b])), width)
             new += [builder.fadd(accs[2 * t + v], builder.fmul(offsets[v], x_s, flags=FAST), flags=FAST)
                     for v in range(2)]
         return new
@@ -238,8 +252,8 @@ def panel_tile(typingctx, isa, wq, ws, wo, offsets, act, n_blocks, t0, nt, out, 
     i = types.intp
     sig = types.void(isa, wq, ws, wo, types.boolean, act, i, i, i, out, i, i)
     ops = op_set(isa)
-    lanes = ops.acc_lanes
-    n = TILE_TOKENS[lanes]
+    width = ops.acc_lanes
+    n = TILE_TOKENS[width]
 
     def codegen(context, builder, signature, args):
         _, wq_arr, ws_arr, wo_arr, with_offsets, act_rec, n_blocks, t0, nt, out_arr, n0, nr = args
@@ -263,13 +277,13 @@ def panel_tile(typingctx, isa, wq, ws, wo, offsets, act, n_blocks, t0, nt, out, 
         plain = _emit_tile(builder, ops, panel, tokens, n_blocks)
         before = builder.block
         with builder.if_then(with_offsets):
-            offset = _emit_offsets(builder, lanes, panel, tokens, n_blocks, plain)
+            offset = _emit_offsets(builder, width, panel, tokens, n_blocks, plain)
             after = builder.block
         sums = []
         for t in range(n):
             pair = []
             for v in range(2):
-                phi = builder.phi(vec(F32, lanes))
+                phi = builder.phi(vec(F32, width))
                 phi.add_incoming(plain[t][v], before)
                 phi.add_incoming(offset[t][v], after)
                 pair.append(phi)
@@ -277,21 +291,21 @@ def panel_tile(typingctx, isa, wq, ws, wo, offsets, act, n_blocks, t0, nt, out, 
 
         o_s = context.make_array(signature.args[9])(context, builder, out_arr)
         outs = array_rows(builder, o_s, t0, n, F32)
-        whole = builder.icmp_signed("==", nr, const(2 * lanes))
+        whole = builder.icmp_signed("==", nr, const(2 * width))
         for t in range(n):
             with builder.if_then(builder.icmp_signed("<", const(t), nt)):
                 for v in range(2):
-                    at = builder.gep(outs[t], [builder.add(n0, const(v * lanes))])
+                    at = builder.gep(outs[t], [builder.add(n0, const(v * width))])
                     with builder.if_else(whole) as (then, otherwise):
                         with then:
-                            builder.store(sums[t][v], builder.bitcast(at, vec(F32, lanes).as_pointer()), align=4)
+                            builder.store(sums[t][v], builder.bitcast(at, vec(F32, width).as_pointer()), align=4)
                         with otherwise:
                             def lane(j, carried, v=v, t=t, at=at):
-                                keep = builder.icmp_signed("<", builder.add(j, const(v * lanes)), nr)
+                                keep = builder.icmp_signed("<", builder.add(j, const(v * width)), nr)
                                 with builder.if_then(keep):
                                     builder.store(builder.extract_element(sums[t][v], j), builder.gep(at, [j]))
                                 return carried
-                            counted_loop(builder, const(lanes), [], lane, "panel.store")
+                            counted_loop(builder, const(width), [], lane, "panel.store")
         return context.get_dummy_value()
 
     return sig, codegen

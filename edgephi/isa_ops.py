@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import llvmlite.binding as llvm
 import numpy as np
+from llvmlite import ir
 from numba import njit
 from numba.extending import overload_attribute
-
-import llvmlite.binding as llvm
-from llvmlite import ir
 
 from .isa import ISAS, IsaType
 from .llvm_ir import I8, I32, call_intrinsic, const, halves, lanes, splat, vec
