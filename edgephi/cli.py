@@ -152,6 +152,9 @@ def sampling_options(fn):
         click.option("--repeat-penalty", type=float, default=SAMPLING.repetition_penalty, show_default=True,
                      help="Penalise repeated tokens"),
         click.option("--seed", type=int, default=SAMPLING.seed, help="Seed for sampling"),
+        click.option("--lookup", type=int, default=SAMPLING.lookup, show_default=True,
+                     help="Draft up to N tokens from the context (prompt lookup) and verify them in one step; "
+                     "greedy output is unchanged, sampled output keeps its distribution"),
         click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]"),
         click.option("--context", type=int, default=None, help="KV ring capacity in tokens"),
         click.option("--backend", type=click.Choice(["numba", "onnxruntime"]), default=None,
@@ -164,7 +167,7 @@ def sampling_options(fn):
 
 def sampling_kwargs(o: dict) -> dict:
     return {"temperature": o["temperature"], "top_k": o["top_k"], "top_p": o["top_p"], "min_p": o["min_p"],
-            "repetition_penalty": o["repeat_penalty"], "seed": o["seed"]}
+            "repetition_penalty": o["repeat_penalty"], "seed": o["seed"], "lookup": o["lookup"]}
 
 
 def model_folder(model_path) -> Path:

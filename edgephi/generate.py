@@ -14,7 +14,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .sampling import SamplingParams, sample
+from .lookup import propose
+from .sampling import SamplingParams, accept_draft, sample
 from .stops import StopMatcher, cut_at_stops
 
 DEFAULT_MAX_NEW_TOKENS = 512  # the default reply length of the API, chat sessions and the CLI, in tokens
@@ -29,6 +30,8 @@ class GenerationStats:
     finish_reason: str = ""  # "stop" (end-of-turn id or stop string), "length", or "" while running
     tokens: list = field(default_factory=list)  # generated ids
     fed: list = field(default_factory=list)  # ids this call put into the KV cache
+    drafts_proposed: int = 0  # prompt lookup's guesses verified (SamplingParams.lookup)
+    drafts_accepted: int = 0  # and taken
 
     @property
     def prefill_tok_s(self) -> float:
@@ -39,6 +42,13 @@ class GenerationStats:
         # the first generated token comes out of the prefill step
         steps = self.generated_tokens - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+
+def _drafts(sequence, context: np.ndarray, k: int) -> list[int]:
+    """Prompt-lookup drafts for the step after context, where the ring has room for them all
+    unwrapped: a wrong draft is then forgotten without losing a position it overwrote."""
+    k = min(k, sequence.capacity - sequence.next_pos - 1)
+    return propose(context, k) if k > 0 else []
 
 
 def check_stop(stop) -> tuple[str, ...]:
@@ -75,14 +85,22 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
     tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopMatcher(stop) if stop else None
     started = time.perf_counter()
-    logits = sequence.feed(new_ids)[0, :n_vocab]
+    rows = sequence.feed(new_ids)[:, :n_vocab]
+    prompt_end = sequence.next_pos
     stats.fed = list(new_ids)
     stats.prefill_seconds = time.perf_counter() - started
     started = time.perf_counter()
     generated = stats.tokens = []
+    # rows[i]: the logits after the i-th token of the last step; drafts[i]: the token that step
+    # fed after it on prompt lookup's guess, right if the i-th row picks it
+    drafts, i = [], 0
     try:
         while len(generated) < max_new_tokens:
-            token = sample(logits, params, rng, history if params.repetition_penalty != 1.0 else None)
+            previous = history if params.repetition_penalty != 1.0 else None
+            if i < len(drafts):
+                token = accept_draft(rows[i], drafts[i], params, rng, previous)
+            else:
+                token = sample(rows[i], params, rng, previous)
             if token in eos:
                 stats.finish_reason = "stop"
                 break
@@ -92,14 +110,29 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
                 if stops.feed(tail.decode(model.tokenizer.decode_bytes([token]))) is not None:
                     stats.finish_reason = "stop"
             yield token
-            if stats.finish_reason:
+            if stats.finish_reason or len(generated) == max_new_tokens:
                 break
-            if len(generated) < max_new_tokens:
-                if params.repetition_penalty != 1.0:
-                    history = np.append(history, token)
-                logits = sequence.step(token)[0, :n_vocab]
-                stats.fed.append(token)
+            if params.repetition_penalty != 1.0 or params.lookup:
+                history = np.append(history, token)
+            stats.fed.append(token)
+            if i < len(drafts) and token == drafts[i]:
+                stats.drafts_accepted += 1
+                i += 1  # already in the cache, and its row is next
+                continue
+            if i < len(drafts):  # a wrong guess: the cache forgets it and the drafts after it
+                sequence.truncate(sequence.next_pos - (len(drafts) - i))
+            drafts, i = _drafts(sequence, history, params.lookup), 0
+            if drafts:
+                rows = sequence.feed([token] + drafts, all_logits=True)[:, :n_vocab]
+                stats.drafts_proposed += len(drafts)
+            else:
+                rows = sequence.step(token)[:, :n_vocab]
     finally:
+        # the cache holds what stats.fed lists, as without drafts: a draft taken after the last
+        # token the consumer got, or one the stop decision came after, is forgotten
+        kept = prompt_end + len(stats.fed) - len(new_ids)
+        if sequence.next_pos > kept:
+            sequence.truncate(kept)
         stats.finish_reason = stats.finish_reason or "length"
         stats.decode_seconds = time.perf_counter() - started
 

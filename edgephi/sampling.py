@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .lookup import MAX_DRAFT
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,6 +18,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the context (CTRL's rule)
     seed: int | None = None
+    lookup: int = 0  # draft up to this many tokens by prompt lookup (lookup.py), verified in one step
 
     def __post_init__(self):
         def number(v):
@@ -31,6 +34,7 @@ class SamplingParams:
             ("min_p", number(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)"),
             ("repetition_penalty", number(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
             ("seed", self.seed is None or integer(self.seed), "an integer or None"),
+            ("lookup", integer(self.lookup) and 0 <= self.lookup <= MAX_DRAFT, f"an integer in [0, {MAX_DRAFT}]"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -78,6 +82,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
+def distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The probabilities (float64) sample() draws from when temperature > 0."""
+    logits = logits.astype(np.float64) / params.temperature
+    logits = filter_min_p(filter_top_p(filter_top_k(logits, params.top_k), params.top_p), params.min_p)
+    return softmax(logits)
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            previous: np.ndarray | None = None) -> int:
     """The next token id from logits (V,), given the ids already in the context."""
@@ -85,7 +96,22 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
-    logits = logits.astype(np.float64) / params.temperature
-    logits = filter_min_p(filter_top_p(filter_top_k(logits, params.top_k), params.top_p), params.min_p)
-    probs = softmax(logits)
+    probs = distribution(logits, params)
     return int(rng.choice(probs.shape[0], p=probs))
+
+
+def accept_draft(logits: np.ndarray, draft: int, params: SamplingParams, rng: np.random.Generator,
+                 previous: np.ndarray | None = None) -> int:
+    """The next token when `draft` was proposed for it: speculative sampling's rule for a draft
+    that is certain (q(draft) = 1), so the token's distribution is exactly sample()'s. The draft
+    is kept with probability p(draft); otherwise a token is drawn from p without the draft,
+    renormalised. Greedy: the most likely token, draft or not."""
+    if previous is not None:
+        logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    probs = distribution(logits, params)
+    if rng.random() < probs[draft]:
+        return draft
+    probs[draft] = 0.0
+    return int(rng.choice(probs.shape[0], p=probs / probs.sum()))

@@ -80,6 +80,17 @@ def test_generate_and_info(home):
     assert "llama, 30 layers" in info.stdout and "23040 bytes per token" in info.stdout  # 2*2*30 layers*3*64
 
 
+def test_generate_with_lookup_prints_the_same_reply(home):
+    """--lookup N drafts from the prompt and verifies in one step: greedy text is unchanged."""
+    prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over"
+    plain = run(["generate", "--max-tokens", "24", "-"], home=home, stdin=prompt)
+    drafted = run(["generate", "--max-tokens", "24", "--lookup", "5", "-"], home=home, stdin=prompt)
+    assert plain.returncode == 0 and drafted.returncode == 0, plain.stderr + drafted.stderr
+    assert drafted.stdout == plain.stdout and plain.stdout.strip()
+    refused = run(["generate", "--lookup", "9", "-"], home=home, stdin=prompt)
+    assert refused.returncode != 0 and "lookup" in refused.stderr and "Traceback" not in refused.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "not_a_model", "newer_format"])
 def test_bad_model_is_one_line(home, tmp_path, case):
     model = tmp_path / "model"

@@ -15,7 +15,7 @@ import pytest
 
 import edgephi
 from edgephi.convert import convert
-from edgephi.generate import GenerationStats, token_stream, text_stream
+from edgephi.generate import GenerationStats, text_stream, token_stream
 from edgephi.sampling import SamplingParams
 from tests.fixtures import rel_err
 
@@ -259,6 +259,8 @@ def _byte_pieces(hf):
     ("temperature", lambda m: m.generate("hi", temperature=-1)),
     ("top_p", lambda m: m.generate("hi", top_p=0)),
     ("top_k", lambda m: m.generate("hi", top_k=-2)),
+    ("lookup", lambda m: m.generate("hi", lookup=7)),
+    ("lookup", lambda m: m.generate("hi", lookup=-1)),
     ("stop", lambda m: m.generate("hi", stop=[""])),
     ("stop", lambda m: m.generate("hi", stop=["ok", 3])),
     ("prompt", lambda m: m.generate(3.5)),
