@@ -4,7 +4,8 @@ once into int16 (repack_panel), then every tile of tokens runs through it (panel
 The row dots (row_dot.py) take one row and four tokens: each block of weights is unpacked for
 only four tokens, and every block's int32 sums are scaled on their own. Prefill has many tokens,
 so here the rows are unpacked once for all of them into a panel laid out row-minor: for each block
-and each pair of values (k, k + 1), PANEL_ROWS rows' int16 pairs side by side. A multiply-add of
+and each pair of values (k, k + 1), the panel's rows' int16 pairs side by side (a panel is two
+vectors of rows: 32 rows on AVX-512, 16 on 8-lane instruction sets). A multiply-add of
 words (vpdpwssd; pmaddwd elsewhere) then takes one pair of one token, broadcast, against a vector
 of rows, and each lane sums its own row over the block: no horizontal sums, one scaling per
 block for a whole vector of rows.
@@ -110,9 +111,9 @@ PLANES = ("qs", "d", "m", "qh", "sc")
 
 @intrinsic
 def repack_panel(typingctx, isa, w, n0, nr, wq, ws, wo):
-    """Rows n0 .. n0 + PANEL_ROWS - 1 of the quantized Linear w into a panel: wq int16
-    (blocks * PAIRS * PANEL_ROWS * 2) holds block b's pair p of row r at (b PAIRS + p) PANEL_ROWS + r
-    (as one int32), ws and wo float32 (blocks * PANEL_ROWS) its scale and offset (0 without one).
+    """Rows n0 .. n0 + R - 1 of the quantized Linear w into a panel of R rows (panel_shape's): wq
+    int16 (blocks * PAIRS * R * 2) holds block b's pair p of row r at (b PAIRS + p) R + r (as one
+    int32), ws and wo float32 (blocks * R) its scale and offset (0 without one).
     Rows from nr on repeat row n0 (their sums are computed and not stored)."""
     sig = types.void(isa, w, types.intp, types.intp, wq, ws, wo)
     panel_rows = 2 * op_set(isa).acc_lanes
