@@ -105,32 +105,31 @@ def _transpose(builder, vectors):
 
 
 FORMAT_CASES = [(FORMATS[name].ggml_type, codec) for name, codec in CODECS.items()]
-Q8_0 = FORMATS["q8_0"].ggml_type
 PLANES = ("qs", "d", "m", "qh", "sc")
 
 
 @intrinsic
-def repack_panel(typingctx, isa, w, n0, nr, wq, ws, wo):
-    """Rows n0 .. n0 + R - 1 of the quantized Linear w into a panel of R rows (panel_shape's): wq
+def repack_panel(typingctx, isa, w, n0, nr, n_blocks, wq, ws, wo):
+    """Rows n0 .. n0 + R - 1 (n_blocks blocks of 32 each) of the quantized Linear w into a panel of R
+    rows (panel_shape's): wq
     int16 (blocks * PAIRS * R * 2) holds block b's pair p of row r at (b PAIRS + p) R + r (as one
     int32), ws and wo float32 (blocks * R) its scale and offset (0 without one).
     Rows from nr on repeat row n0 (their sums are computed and not stored)."""
-    sig = types.void(isa, w, types.intp, types.intp, wq, ws, wo)
+    sig = types.void(isa, w, types.intp, types.intp, types.intp, wq, ws, wo)
     panel_rows = 2 * op_set(isa).acc_lanes
 
     def codegen(context, builder, signature, args):
         w_type = signature.args[1]
-        _, w_rec, n0, nr, wq_arr, ws_arr, wo_arr = args
+        _, w_rec, n0, nr, n_blocks, wq_arr, ws_arr, wo_arr = args
 
         def array(name):
             i = w_type.fields.index(name)
             return context.make_array(w_type.types[i])(context, builder, builder.extract_value(w_rec, i))
 
         arrays = {p: array(p) for p in PLANES}
-        qs_bytes = builder.extract_value(arrays["qs"].shape, 1)
         wq_p, ws_p, wo_p = (builder.bitcast(context.make_array(signature.args[j])(context, builder, a).data, t)
-                            for j, a, t in ((4, wq_arr, I32.as_pointer()), (5, ws_arr, F32.as_pointer()),
-                                            (6, wo_arr, F32.as_pointer())))
+                            for j, a, t in ((5, wq_arr, I32.as_pointer()), (6, ws_arr, F32.as_pointer()),
+                                            (7, wo_arr, F32.as_pointer())))
         fmt = builder.extract_value(w_rec, w_type.fields.index("format"))
         bases = {p: builder.bitcast(a.data, I8.as_pointer()) for p, a in arrays.items()}
         # sixteen rows at a time, block by block: each row's block is decoded (the one part that
@@ -138,9 +137,6 @@ def repack_panel(typingctx, isa, w, n0, nr, wq, ws, wo):
         # turns into sixteen vectors of rows. Each block's part of the panel is written whole
         # while in L1.
         words = cgutils.alloca_once(builder, vec(I32, PAIRS), size=PAIRS, name="words")
-        n_blocks = builder.udiv(builder.mul(qs_bytes, const(2)), const(32))  # nibble formats
-        n_blocks = builder.select(builder.icmp_signed("==", fmt, ir.Constant(fmt.type, Q8_0)),
-                                  builder.udiv(qs_bytes, const(32)), n_blocks)
 
         def one_half(half, carried):
             h = builder.mul(half, const(PAIRS))  # the first of these sixteen rows
@@ -247,8 +243,8 @@ def _emit_offsets(builder, width, panel, tokens, n_blocks, sums):
 @intrinsic
 def panel_tile(typingctx, isa, wq, ws, wo, offsets, act, n_blocks, t0, nt, out, n0, nr):
     """out[t0 + t, n0 + r] = row r of the panel (repack_panel) dotted with token t0 + t of the
-    Activations act over its first n_blocks blocks of 32, for t < nt (at most panel_shape's tokens) and r < nr. `offsets`: whether the
-    panel's offsets are to be added (formats with a minimum). A partial tile computes the full
+    Activations act over its first n_blocks blocks of 32, for t < nt (at most panel_shape's tokens)
+    and r < nr. `offsets`: whether the panel's offsets are to be added (formats with a minimum). A partial tile computes the full
     one on repeated tokens and stores what it owns."""
     i = types.intp
     sig = types.void(isa, wq, ws, wo, types.boolean, act, i, i, i, out, i, i)

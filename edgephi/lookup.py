@@ -1,5 +1,5 @@
 """Prompt-lookup drafts: the tokens that followed the most recent earlier occurrence of the
-context's last n-gram (n from MAX_NGRAM down to 1), as llama.cpp's --lookup and transformers'
+context's last n-gram (n from MAX_NGRAM down to MIN_NGRAM), as llama.cpp's --lookup and transformers'
 prompt_lookup_num_tokens propose them. Summaries, code edits and quotes repeat their input, so the
 drafts are often right, and one forward step verifies them all (generate.token_stream)."""
 
@@ -10,7 +10,8 @@ import numpy as np
 MAX_NGRAM = 3
 MIN_NGRAM = 2  # a lone repeated token predicts too little: its drafts cost a wider step, rarely paid back
 # Drafts per step at most: a verify step of the last token plus its drafts stays below the prefill
-# panels' 8 tokens (matmul.PANEL_MIN_TOKENS), so its logits are decode's bit for bit.
+# panels' step size (matmul.PANEL_MIN_TOKENS; not imported, to keep numba out of the sampling
+# module's imports), so it takes the row tiles and its logits are decode's bit for bit.
 MAX_DRAFT = 6
 
 

@@ -77,7 +77,7 @@ def _matmul_panels(isa, w, act, out):
         for g in range(c * n_panels // chunks, (c + 1) * n_panels // chunks):
             n0 = g * rows
             n_rows = min(rows, N - n0)
-            repack_panel(isa, w, n0, n_rows, wq, ws, wo)
+            repack_panel(isa, w, n0, n_rows, n_blocks, wq, ws, wo)
             for t0 in range(0, T, tile):
                 panel_tile(isa, wq, ws, wo, offsets, act, n_blocks, t0, min(tile, T - t0), out, n0, n_rows)
 

@@ -65,6 +65,14 @@ def test_accepting_a_draft_keeps_the_sampling_distribution(settings, draft):
     assert counts[expected == 0].sum() == 0
 
 
+def test_verify_steps_stay_on_the_row_tiles():
+    """The longest verify step (the pending token and MAX_DRAFT drafts) is shorter than a panel step."""
+    from edgephi.lookup import MAX_DRAFT
+    from edgephi.matmul import PANEL_MIN_TOKENS
+
+    assert 1 + MAX_DRAFT < PANEL_MIN_TOKENS
+
+
 def test_greedy_acceptance_is_the_argmax():
     logits = np.array([0.1, 3.0, 2.9], np.float32)
     rng = np.random.default_rng(0)
