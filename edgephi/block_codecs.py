@@ -55,16 +55,26 @@ class BlockCodec:
         per block."""
         return self.nibbles and not self.two_scales
 
-    def _high_bits(self, builder, row, b, word, shift):
-        """<32 x i8>: bit `shift` (4 or 5) of each of block b's values, from qh word `word`."""
+    def _high_bits(self, builder, row, b, word, shift, spread=False):
+        """<32 x i8>: bit `shift` (4 or 5) of each of block b's values, from qh word `word`.
+        As a bitcast of the word to 32 booleans (a mask register on AVX-512), or `spread`: each
+        of its four bytes copied to eight lanes and tested against that lane's bit, which Arm
+        does in a few whole-vector instructions where the bitcast becomes one per lane."""
         at = builder.mul(b, const(4 * self.high_words))
         ptr = row.at(builder, "qh", builder.add(at, const(4 * word)))
+        if spread:
+            four = builder.load(builder.bitcast(ptr, vec(I8, 4).as_pointer()), align=1)
+            copies = builder.shuffle_vector(four, four, lanes([i // 8 for i in range(32)]))
+            bit = ir.Constant(vec(I8, 32), [1 << (i % 8) for i in range(32)])
+            test = builder.icmp_unsigned("!=", builder.and_(copies, bit), splat(I8, 32, 0))  # cmtst
+            return builder.and_(builder.sext(test, vec(I8, 32)), splat(I8, 32, 1 << shift))
         mask = builder.load(builder.bitcast(ptr, I32.as_pointer()), align=1)
         bits = builder.zext(builder.bitcast(mask, vec(I1, 32)), vec(I8, 32))
         return builder.shl(bits, splat(I8, 32, shift))
 
-    def values(self, builder, row, b):
-        """Block b's 32 values as <32 x i8> in order: unsigned, before any centre is taken off."""
+    def values(self, builder, row, b, spread=False):
+        """Block b's 32 values as <32 x i8> in order: unsigned, before any centre is taken off
+        (`spread`: see _high_bits)."""
         at = builder.mul(b, const(self.qs_bytes))
         if not self.nibbles:
             return load_vector(builder, row.base["qs"], builder.add(row.row["qs"], at), I8, 32, 1)
@@ -73,18 +83,24 @@ class BlockCodec:
         high = builder.lshr(packed, splat(I8, 16, 4))  # high nibbles are values 16..31
         q = builder.shuffle_vector(low, high, lanes(range(32)))
         for word in range(self.high_words):
-            q = builder.or_(q, self._high_bits(builder, row, b, word, 4 + word))
+            q = builder.or_(q, self._high_bits(builder, row, b, word, 4 + word, spread))
         return q
 
-    def weights(self, builder, row, b):
+    def weights(self, builder, row, b, spread=False):
         """The 32 weights of block b as <32 x i16>, in the order of the block's activations."""
-        q = self.values(builder, row, b)
+        q = self.values(builder, row, b, spread)
         if not self.nibbles:
             return builder.sext(q, vec(I16, 32))
         w = builder.zext(q, vec(I16, 32))
         if self.two_scales:
             w = builder.sub(w, splat(I16, 32, 32))
         return w
+
+    def byte_weights(self, builder, row, b, spread=False):
+        """The 32 weights of block b as <32 x i8> for byte dots: the values (q8_0's signed, the
+        others' below 32 before their centre or minimum), q6_k's with its 32 taken off."""
+        q = self.values(builder, row, b, spread)
+        return builder.sub(q, splat(I8, 32, 32)) if self.two_scales else q
 
     def pair_nibbles(self, builder, row, p):
         """The 64 values of blocks 2p and 2p + 1 as <64 x i8> (below 32), in PAIR_ORDER."""
@@ -150,6 +166,19 @@ class BlockCodec:
         if self.offset == "centre":
             return builder.fmul(scales, splat(F32, width, -float(self.centre)))
         return builder.fneg(self._super_parts(builder, row, b0, width, "m"))
+
+    def offset_base_lanes(self, builder, scales, row, b0, width):
+        """offset_lanes of blocks b0 .. b0 + width - 1 without its constant factor (offset_factor):
+        d itself for a centre, so that a loop sums d xs and multiplies by -centre once at its end."""
+        if self.offset == "minimum":
+            return lanes_at(builder, row.base["m"], builder.add(row.row["m"], builder.mul(b0, const(2))), True, width)
+        if self.offset == "centre":
+            return scales
+        return self._super_parts(builder, row, b0, width, "m")
+
+    @property
+    def offset_factor(self) -> float:
+        return {"centre": -float(self.centre), "super_minimum": -1.0}.get(self.offset, 1.0)
 
     def side_planes(self) -> list[tuple[str, int]]:
         """The planes besides qs a row dot streams, with their bytes per block (for prefetching;

@@ -49,18 +49,24 @@ PAIRS = 16  # pairs of values per block of 32
 TILE_TOKENS = {16: 4, 8: 2}
 
 
+def panel_lanes(ops):
+    """The lanes of a panel's vector of rows: the ISA's accumulator, or its own (Arm's panels
+    keep the plain IR's eight: the transpose makes sixteen rows at a time)."""
+    return ops.panel_lanes or ops.acc_lanes
+
+
 def _word_dot_add(ops):
     """(builder, acc <L x i32>, rows' pairs <2L x i16>, a token's pair broadcast) -> <L x i32>."""
     if ops.word_dot_add is not None:
         return ops.word_dot_add
-    word_dot = ops.block_dot if ops.acc_lanes == 16 else ops.half_dot
+    word_dot = ops.word_pairs or (ops.block_dot if ops.acc_lanes == 16 else ops.half_dot)
     return lambda builder, acc, a, b: builder.add(acc, word_dot(builder, a, b))
 
 
 @intrinsic
 def panel_shape(typingctx, isa):
     """(rows per panel, tokens per tile) for the ISA, compile-time constants."""
-    width = op_set(isa).acc_lanes
+    width = panel_lanes(op_set(isa))
     shape = (2 * width, TILE_TOKENS[width])
     sig = types.UniTuple(types.intp, 2)(isa)
 
@@ -116,7 +122,7 @@ def repack_panel(typingctx, isa, w, n0, nr, n_blocks, wq, ws, wo):
     int32), ws and wo float32 (blocks * R) its scale and offset (0 without one).
     Rows from nr on repeat row n0 (their sums are computed and not stored)."""
     sig = types.void(isa, w, types.intp, types.intp, types.intp, wq, ws, wo)
-    panel_rows = 2 * op_set(isa).acc_lanes
+    panel_rows = 2 * panel_lanes(op_set(isa))
 
     def codegen(context, builder, signature, args):
         w_type = signature.args[1]
@@ -184,7 +190,7 @@ def repack_panel(typingctx, isa, w, n0, nr, n_blocks, wq, ws, wo):
 def _emit_tile(builder, ops, panel, tokens, n_blocks):
     """The float sums of one panel with len(tokens) tokens' activations (xq i16*, xd f32*, xs f32*),
     without the offsets: per token, two <L x float> vectors of rows."""
-    width = ops.acc_lanes
+    width = panel_lanes(ops)
     panel_rows = 2 * width
     word_dot_add = _word_dot_add(ops)
     wq_p, ws_p, _ = panel
@@ -249,7 +255,7 @@ def panel_tile(typingctx, isa, wq, ws, wo, offsets, act, n_blocks, t0, nt, out, 
     i = types.intp
     sig = types.void(isa, wq, ws, wo, types.boolean, act, i, i, i, out, i, i)
     ops = op_set(isa)
-    width = ops.acc_lanes
+    width = panel_lanes(ops)
     n = TILE_TOKENS[width]
 
     def codegen(context, builder, signature, args):

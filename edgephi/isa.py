@@ -42,7 +42,13 @@ ISAS = {isa.name: isa for isa in (
     Isa("avx512", "x86_64", ("f16c", "avx512f", "avx512bw"), 2),
     Isa("avx512-vnni", "x86_64", ("f16c", "avx512f", "avx512bw", "avx512vnni"), 3),
     Isa("generic-arm", "aarch64", (), 0),
+    Isa("neon", "aarch64", ("neon",), 1),  # Cortex-A72 (Raspberry Pi 4) and every 64-bit Arm board
+    Isa("neon-dotprod", "aarch64", ("neon", "dotprod"), 2),  # Armv8.2+: Cortex-A76 (Pi 5), A55, phones
 )}
+
+# Linux's AT_HWCAP bits for the Arm features the kernels use (asm/hwcap.h)
+AT_HWCAP = 16
+ARM_HWCAP_BITS = {"neon": 1 << 1, "dotprod": 1 << 20}
 
 
 def host_machine() -> str:
@@ -50,8 +56,35 @@ def host_machine() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+def arm_hwcap_features(hwcap: int) -> dict[str, bool]:
+    """The kernels' Arm features from the kernel's AT_HWCAP word."""
+    return {name: bool(hwcap & bit) for name, bit in ARM_HWCAP_BITS.items()}
+
+
+def read_hwcap(auxv_path: str = "/proc/self/auxv") -> int | None:
+    """AT_HWCAP of this process (Linux), or None where there is no auxiliary vector to read."""
+    try:
+        with open(auxv_path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for at in range(0, len(data) - 15, 16):
+        key, value = int.from_bytes(data[at:at + 8], "little"), int.from_bytes(data[at + 8:at + 16], "little")
+        if key == AT_HWCAP:
+            return value
+    return None
+
+
 def target_features() -> dict[str, bool]:
-    """The features of the CPU numba compiles for: the host's, or NUMBA_CPU_NAME/FEATURES' when set."""
+    """The features of the CPU the kernels run on. x86: what numba compiles for (the host's, or
+    NUMBA_CPU_NAME/FEATURES' when set), since the kernels use LLVM's intrinsics. Arm: the
+    kernel's HWCAP flags where Linux gives them, since the dot-product instructions are inline
+    assembly that needs no LLVM feature, and emulators (qemu-user) report a generic CPU to LLVM
+    but the emulated CPU's HWCAP; elsewhere (macOS) LLVM's host features."""
+    if host_machine() == "aarch64" and not config.CPU_NAME:
+        hwcap = read_hwcap()
+        if hwcap is not None:
+            return arm_hwcap_features(hwcap)
     if config.CPU_NAME:
         return {f[1:]: f[0] == "+" for f in (config.CPU_FEATURES or "").split(",") if f[:1] in "+-" and f[1:]}
     import llvmlite.binding as llvm

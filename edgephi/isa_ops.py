@@ -1,8 +1,10 @@
 """Per-ISA operation sets for the quantized block dots: how wide the accumulators are, how 32
-int16 weights meet 32 int16 activations, and (AVX-512 VNNI) how a pair of q4 blocks meets the
-activations split into bytes, with that byte layout and its numpy twin.
+int16 weights meet 32 int16 activations, and where an ISA has byte dots (AVX-512 VNNI's vpdpbusd,
+Arm's sdot) how weights meet the activations split into bytes, with those byte layouts and
+their numpy twins.
 
-Every set computes the same exact integers: |q| <= 128, |x| <= 32767 and 32 terms fit int32.
+Every set computes the same exact integers: |q| <= 128, |x| <= ACTIVATION_MAX and 32 terms fit
+int32.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ llvm.initialize_native_asmparser()  # numba's JIT reads inline assembly only wit
 # dots, the activations of each pair of blocks are kept a second time in this order, split into
 # bytes: PAIR_BYTES // 2 low bytes (unsigned), then as many high bytes (signed).
 PAIR_BYTES = 128
+# The largest activation integer: 127 * 256 + 127, so that x = 256 h + l with both bytes signed
+# (l in -128..127, SPLIT_BYTES below) always fits; int16's 32767 would need h = 128.
+ACTIVATION_MAX = 32639
+# SPLIT_BYTES, the Arm dot-product layout: block b's 32 values at 64 b as their low bytes l, then
+# their high bytes h at 64 b + 32, both signed, x = 256 h + l. Then every format's weights, signed
+# (q8_0, q6_k) or not, meet both halves with the same signed byte dot (sdot).
+SPLIT_BYTES = 64
 
 
 @njit(cache=True, inline="always")
@@ -47,13 +56,80 @@ def pair_bytes_twin(xq: np.ndarray) -> np.ndarray:
     return out
 
 
+@njit(cache=True, inline="always")
+def split_byte_index(b, j):
+    """Where value j of block b goes among SPLIT_BYTES' low bytes; its high byte is 32 further on."""
+    return b * SPLIT_BYTES + j
+
+
+def split_bytes_twin(xq: np.ndarray) -> np.ndarray:
+    """numpy twin of the split layout: int16 activations (K,) -> uint8 (2K,), each block's
+    signed low bytes (x + 128 mod 256, less 128), then its high bytes (x - low) / 256."""
+    x = xq.astype(np.int32).reshape(-1, 32)
+    low = (x + 128) % 256 - 128
+    high = (x - low) // 256
+    return np.concatenate([low, high], axis=1).astype(np.int8).view(np.uint8).reshape(-1)
+
+
 def _pmaddwd_plain(builder, a, b):
-    """<16 x i16> a, b -> <8 x i32>: a[2i]*b[2i] + a[2i+1]*b[2i+1], in plain IR."""
-    even, odd = lanes(range(0, 16, 2)), lanes(range(1, 16, 2))
+    """<2n x i16> a, b -> <n x i32>: a[2i]*b[2i] + a[2i+1]*b[2i+1], in plain IR."""
+    n = a.type.count // 2
+    even, odd = lanes(range(0, 2 * n, 2)), lanes(range(1, 2 * n, 2))
 
     def wide(v, sel):
-        return builder.sext(builder.shuffle_vector(v, v, sel), vec(I32, 8))
+        return builder.sext(builder.shuffle_vector(v, v, sel), vec(I32, n))
     return builder.add(builder.mul(wide(a, even), wide(b, even)), builder.mul(wide(a, odd), wide(b, odd)))
+
+
+def _widening_dot_neon(builder, a, b):
+    """<4m x i16> a, b -> <4 x i32> whose lanes sum to a . b: widening multiply-accumulates
+    (smull, smlal) of whole vectors into two chains, none of pmaddwd's even/odd pairing, which
+    only the panels need. smull by its intrinsic: as sext + mul, LLVM folds the widening of q4
+    weights from bytes into it and loses the instruction."""
+    def part(i):
+        """lanes 4i .. 4i + 3, through the register of eight that holds them (smull / smull2)"""
+        def pick(v):
+            eight = builder.shuffle_vector(v, v, lanes(range(8 * (i // 2), 8 * (i // 2) + 8)))
+            return builder.shuffle_vector(eight, eight, lanes(range(4 * (i % 2), 4 * (i % 2) + 4)))
+        return call_intrinsic(builder, "llvm.aarch64.neon.smull.v4i32", vec(I32, 4), [pick(a), pick(b)])
+    count = a.type.count // 4
+    chains = [part(0), part(1)]
+    for i in range(2, count):
+        chains[i % 2] = builder.add(chains[i % 2], part(i))
+    return builder.add(chains[0], chains[1])
+
+
+def require_feature(builder, feature):
+    """Let the function being emitted use `feature` (LLVM's name, "+dotprod") whatever CPU
+    numba's LLVM targets: the ISA was chosen from the CPU's HWCAP at load, and emulators
+    (qemu-user) report a generic CPU to LLVM."""
+    attributes = builder.function.attributes
+    text = f'"target-features"="{feature}"'
+    if text not in attributes:
+        set.add(attributes, text)  # a string attribute, which llvmlite's checked add() does not know
+
+
+def _sdot(builder, acc, a, b):
+    """acc[i] + sum_{j < 4} a[4i + j] * b[4i + j] over <16 x i8>, signed (Arm's dot product)."""
+    require_feature(builder, "+dotprod")
+    return call_intrinsic(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", vec(I32, 4), [acc, a, b])
+
+
+def _byte_dot_sdot(builder, w, low, high):
+    """<16m x i8> weights (signed, or unsigned below 128) with the activations' low and high
+    bytes (SPLIT_BYTES) -> <4 x i32> whose lanes sum to w . (256 high + low): the high bytes'
+    dots, shifted by 8, then the low bytes' added. |sum w h| * 256 < 2^31 for 32 terms."""
+    count = w.type.count // 16
+
+    def part(v, i):
+        return builder.shuffle_vector(v, v, lanes(range(16 * i, 16 * i + 16)))
+    acc = splat(I32, 4, 0)
+    for i in range(count):
+        acc = _sdot(builder, acc, part(w, i), part(high, i))
+    acc = builder.shl(acc, splat(I32, 4, 8))
+    for i in range(count):
+        acc = _sdot(builder, acc, part(w, i), part(low, i))
+    return acc
 
 
 def _pmaddwd_avx2(builder, a, b):
@@ -114,17 +190,38 @@ class OpSet:
     # (builder, acc <acc_lanes x i32>, a, b <2 acc_lanes x i16>) -> acc + pair products, one
     # instruction (vpdpwssd) where the ISA has it; None: an add after the word dot
     word_dot_add: Callable | None = None
+    # (builder, w <32 or 16 x i8>, low, high) -> <acc_lanes x i32> summing to the dot with the
+    # activations' SPLIT_BYTES: every format's blocks (and q6_k's halves) on byte dots
+    byte_dot: Callable | None = None
+    # scales of GROUP_BLOCKS blocks converted at once, each block's integer dot scaled by its lane
+    grouped: bool = False
+    # the 5- and 6-bit formats' high bits spread to lanes by a byte test (block_codecs._high_bits)
+    spread_bits: bool = False
+    # the prefill panels' vector of rows (gemm_tile.py) and their pmaddwd-like word pairs
+    # (builder, a, b <2 panel_lanes x i16>) -> <panel_lanes x i32>; None: block_dot / half_dot's
+    panel_lanes: int | None = None
+    word_pairs: Callable | None = None
 
     @property
     def pair_bytes(self) -> bool:
         """Whether quantize_activations keeps the byte copy the pair dots read."""
         return self.pair_dot is not None
 
+    @property
+    def split_bytes(self) -> bool:
+        """Whether quantize_activations keeps the SPLIT_BYTES copy the byte dots read."""
+        return self.byte_dot is not None
+
 
 PLAIN = OpSet(8, _split_block_dot(_pmaddwd_plain), half_dot=_pmaddwd_plain)
 OP_SETS = {
     "generic": PLAIN,
     "generic-arm": PLAIN,
+    # Arm: four-lane accumulators (one 128-bit register), whole-vector widening dots
+    "neon": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, grouped=True, spread_bits=True,
+                  panel_lanes=8, word_pairs=_pmaddwd_plain),
+    "neon-dotprod": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, byte_dot=_byte_dot_sdot,
+                          grouped=True, spread_bits=True, panel_lanes=8, word_pairs=_pmaddwd_plain),
     "avx2": OpSet(8, _split_block_dot(_pmaddwd_avx2), half_dot=_pmaddwd_avx2),
     "avx512": OpSet(16, _block_dot_avx512),
     "avx512-vnni": OpSet(16, _block_dot_avx512, _pair_dot_vnni, word_dot_add=_vpdpwssd),
@@ -141,6 +238,21 @@ def _isa_pair_bytes(isa):
     """isa.pair_bytes in jitted code: a compile-time constant of each ISA."""
     value = op_set(isa).pair_bytes
     return lambda isa: value
+
+
+@overload_attribute(IsaType, "split_bytes")
+def _isa_split_bytes(isa):
+    """isa.split_bytes in jitted code: a compile-time constant of each ISA."""
+    value = op_set(isa).split_bytes
+    return lambda isa: value
+
+
+def split_bytes_load(builder, xb_row, b):
+    """The low and high activation bytes (<32 x i8> each) of block b of a row, in SPLIT_BYTES."""
+    base = builder.gep(xb_row, [builder.mul(b, const(SPLIT_BYTES))])
+    low = builder.load(builder.bitcast(base, vec(I8, 32).as_pointer()), align=1)
+    high = builder.load(builder.bitcast(builder.gep(base, [const(32)]), vec(I8, 32).as_pointer()), align=1)
+    return low, high
 
 
 def pair_bytes_load(builder, xb_row, p):

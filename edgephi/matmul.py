@@ -12,7 +12,7 @@ from numba import njit, prange
 
 from .float16 import f16_to_f32
 from .gemm_tile import PAIRS, panel_shape, panel_tile, repack_panel
-from .isa_ops import PAIR_BYTES, pair_byte_index
+from .isa_ops import ACTIVATION_MAX, PAIR_BYTES, pair_byte_index, split_byte_index
 from .quant import FORMATS
 from .row_dot import TILE_TOKENS, row_dot, tile_dot
 
@@ -31,16 +31,19 @@ PANEL_CHUNKS = 64  # at most: each allocates its panel once; several per thread 
 
 @njit(cache=True, fastmath=True)
 def quantize_activations(isa, x, xq, xb, xd, xs):
-    """x (K,) float32 -> x_hat[32b + j] = xq[32b + j] * xd[b] with xq int16 and xs[b] = sum_j x_hat[32b + j].
-    The block sums are of x_hat, not x: then a q4 row's error is W . (x_hat - x), with no extra
-    term from its uncentered nibbles. Where the ISA has pair dots, xb (2K,) holds each full pair of
-    blocks' xq again as bytes in isa_ops' PAIR_ORDER: the low bytes, then the high bytes."""
+    """x (K,) float32 -> x_hat[32b + j] = xq[32b + j] * xd[b] with xq int16 (|xq| <= ACTIVATION_MAX)
+    and xs[b] = sum_j x_hat[32b + j]. The block sums are of x_hat, not x: then a q4 row's error is
+    W . (x_hat - x), with no extra term from its uncentered nibbles. Where the ISA has byte dots,
+    xb (2K,) holds xq again as bytes: for pair dots each full pair of blocks in isa_ops'
+    PAIR_ORDER, the low bytes then the high bytes; for Arm's, each block's signed low and high
+    bytes (SPLIT_BYTES)."""
     n_blocks = x.shape[0] // 32
+    top = np.float32(ACTIVATION_MAX)
     for b in range(n_blocks):
         amax = np.float32(0.0)
         for j in range(32):
             amax = max(amax, abs(x[b * 32 + j]))
-        inv = np.float32(32767.0) / amax if amax > 0 else np.float32(0.0)
+        inv = top / amax if amax > 0 else np.float32(0.0)
         total = 0
         for j in range(32):
             q = np.int16(round(x[b * 32 + j] * inv))
@@ -50,7 +53,12 @@ def quantize_activations(isa, x, xq, xb, xd, xs):
                 at = pair_byte_index(b, j)
                 xb[at] = np.uint8(q & 255)
                 xb[at + PAIR_BYTES // 2] = np.uint8((q >> 8) & 255)
-        xd[b] = amax / np.float32(32767.0)
+            if isa.split_bytes:
+                low = ((np.int32(q) + 128) & 255) - 128
+                at = split_byte_index(b, j)
+                xb[at] = np.uint8(low & 255)
+                xb[at + 32] = np.uint8(((np.int32(q) - low) >> 8) & 255)
+        xd[b] = amax / top
         xs[b] = np.float32(total) * xd[b]
 
 

@@ -20,7 +20,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from .block_codecs import CODECS, BlockCodec, RowPlanes
-from .isa_ops import OP_SETS, OpSet, op_set, pair_bytes_load
+from .isa_ops import OP_SETS, OpSet, op_set, pair_bytes_load, split_bytes_load
 from .llvm_ir import (
     F32,
     FAST,
@@ -58,9 +58,40 @@ class TokenActivations:
     xs: ir.Value
 
 
-def _two_scale_term(builder, ops: OpSet, w, x, scales, x_d):
+def _integer_dot(builder, ops: OpSet, w, act: TokenActivations, b):
+    """Block b's integer dot of weights w (byte_weights where the ISA has byte dots, else
+    weights) with a token's activations, as <acc_lanes x i32>."""
+    if ops.byte_dot is not None:
+        low, high = split_bytes_load(builder, act.xb, b)
+        return ops.byte_dot(builder, w, low, high)
+    return ops.block_dot(builder, w, load_vector(builder, act.xq, builder.mul(b, const(32)), I16, 32, 2))
+
+
+def _block_weights(builder, ops: OpSet, codec: BlockCodec, row, b):
+    if ops.byte_dot is not None:
+        return codec.byte_weights(builder, row, b, ops.spread_bits)
+    return codec.weights(builder, row, b, ops.spread_bits)
+
+
+def _half_dots(builder, ops: OpSet, w, act: TokenActivations, b):
+    """The integer dots of block b's two halves of 16 with a token's activations (q6_k), each as
+    <acc_lanes x i32>, on byte dots or half_dot."""
+    if ops.byte_dot is not None:
+        (w_lo, w_hi), ((l_lo, l_hi), (h_lo, h_hi)) = halves(builder, w), (
+            halves(builder, v) for v in split_bytes_load(builder, act.xb, b))
+        return ops.byte_dot(builder, w_lo, l_lo, h_lo), ops.byte_dot(builder, w_hi, l_hi, h_hi)
+    (w_lo, w_hi), (x_lo, x_hi) = halves(builder, w), halves(
+        builder, load_vector(builder, act.xq, builder.mul(b, const(32)), I16, 32, 2))
+    return ops.half_dot(builder, w_lo, x_lo), ops.half_dot(builder, w_hi, x_hi)
+
+
+def _two_scale_term(builder, ops: OpSet, w, x, scales, x_d, act=None, b=None):
     """q6_k's block: each half's dot times its own scale, as <acc_lanes x float>."""
     lo_scale, hi_scale = (builder.fmul(s, x_d, flags=FAST) for s in scales)
+    if ops.byte_dot is not None:
+        lo, hi = (builder.sitofp(dot, vec(F32, ops.acc_lanes)) for dot in _half_dots(builder, ops, w, act, b))
+        return builder.fadd(builder.fmul(lo, broadcast(builder, lo_scale, ops.acc_lanes), flags=FAST),
+                            builder.fmul(hi, broadcast(builder, hi_scale, ops.acc_lanes), flags=FAST), flags=FAST)
     if ops.half_dot is not None:
         (w_lo, w_hi), (x_lo, x_hi) = halves(builder, w), halves(builder, x)
         lo = builder.sitofp(ops.half_dot(builder, w_lo, x_lo), vec(F32, ops.acc_lanes))
@@ -81,7 +112,7 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
 
     def block(b, carried):
         accs, offsets = carried[:n], carried[n:]
-        w = codec.weights(builder, row, b)
+        w = _block_weights(builder, ops, codec, row, b)
         prefetch(builder, row.base["qs"], builder.add(row.row["qs"], builder.mul(b, const(codec.qs_bytes))),
                  PREFETCH_BYTES)
         for plane, per_block in codec.side_planes():
@@ -91,12 +122,13 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         low = None if codec.two_scales else codec.offset_term(builder, d_w, row, b)
         new_accs, new_offsets = [], []
         for i, act in enumerate(tokens):
-            x = load_vector(builder, act.xq, builder.mul(b, const(32)), I16, 32, 2)
             x_d = builder.load(builder.gep(act.xd, [b]))
             if codec.two_scales:
-                term = _two_scale_term(builder, ops, w, x, d_w, x_d)
+                x = None if ops.byte_dot is not None else load_vector(builder, act.xq, builder.mul(b, const(32)),
+                                                                      I16, 32, 2)
+                term = _two_scale_term(builder, ops, w, x, d_w, x_d, act, b)
             else:
-                dot = ops.block_dot(builder, w, x)
+                dot = _integer_dot(builder, ops, w, act, b)
                 scale = builder.fmul(d_w, x_d, flags=FAST)
                 term = builder.fmul(builder.sitofp(dot, vec(F32, ops.acc_lanes)),
                                     broadcast(builder, scale, ops.acc_lanes), flags=FAST)
@@ -163,17 +195,63 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
             per_token.append(builder.fmul(scales, twice, flags=FAST))
         for k in range(GROUP_BLOCKS):
             b = builder.add(b0, const(k))
-            w = codec.weights(builder, row, b)
+            w = _block_weights(builder, ops, codec, row, b)
             pick = lanes([2 * k] * (ops.acc_lanes // 2) + [2 * k + 1] * (ops.acc_lanes // 2))
             for i, act in enumerate(tokens):
+                if ops.grouped:  # a dot per half, each scaled by its own lane
+                    for half, dot in enumerate(_half_dots(builder, ops, w, act, b)):
+                        scale = builder.shuffle_vector(per_token[i], per_token[i], lanes([2 * k + half] * ops.acc_lanes))
+                        dot = builder.sitofp(dot, vec(F32, ops.acc_lanes))
+                        accs[i] = builder.fadd(accs[i], builder.fmul(dot, scale, flags=FAST), flags=FAST)
+                    continue
                 x = load_vector(builder, act.xq, builder.mul(b, const(32)), I16, 32, 2)
                 dot = builder.sitofp(ops.block_dot(builder, w, x), vec(F32, ops.acc_lanes))
                 scale = builder.shuffle_vector(per_token[i], per_token[i], pick)
                 accs[i] = builder.fadd(accs[i], builder.fmul(dot, scale, flags=FAST), flags=FAST)
         return accs
 
+    group_width = GROUP_BLOCKS  # 16 spills registers on Arm (Cortex-A76: 16.9 instructions a q4_0 block, 15.4)
+
+    def group(u, carried):
+        """group_width blocks of a one-scale format: their scales (and offset terms) converted as
+        vectors at once, each block's integer dot scaled by its lane of them."""
+        accs, offsets = list(carried[:n]), carried[n:]
+        b0 = builder.mul(u, const(group_width))
+        lanes_t = vec(F32, group_width)
+        d_w = codec.scale_lanes(builder, row, b0, group_width)
+        low = None if codec.offset == "none" else codec.offset_base_lanes(builder, d_w, row, b0, group_width)
+        scales, new_offsets = [], []
+        for i, act in enumerate(tokens):
+            x_d, x_s = (builder.load(builder.bitcast(builder.gep(p, [b0]), lanes_t.as_pointer()), align=4)
+                        for p in (act.xd, act.xs))
+            scales.append(builder.fmul(d_w, x_d, flags=FAST))
+            new_offsets.append(offsets[i] if low is None else
+                               builder.fadd(offsets[i], builder.fmul(low, x_s, flags=FAST), flags=FAST))
+        group_at = builder.add(row.row["qs"], builder.mul(b0, const(codec.qs_bytes)))
+        for line in range(0, group_width * codec.qs_bytes, 64):
+            prefetch(builder, row.base["qs"], group_at, PREFETCH_BYTES + line)
+        for plane, per_block in codec.side_planes():
+            prefetch(builder, row.base[plane], builder.add(row.row[plane], builder.mul(b0, const(per_block))),
+                     PREFETCH_BYTES * per_block // codec.qs_bytes)
+        for k in range(group_width):
+            b = builder.add(b0, const(k))
+            w = _block_weights(builder, ops, codec, row, b)
+            for i, act in enumerate(tokens):
+                dot = builder.sitofp(_integer_dot(builder, ops, w, act, b), vec(F32, ops.acc_lanes))
+                scale = builder.shuffle_vector(scales[i], scales[i], lanes([k] * ops.acc_lanes))
+                accs[i] = builder.fadd(accs[i], builder.fmul(dot, scale, flags=FAST), flags=FAST)
+        return accs + new_offsets
+
     zero_acc = splat(F32, ops.acc_lanes, 0.0)
-    if codec.two_scales and ops.half_dot is None:
+    if ops.grouped and not codec.two_scales:
+        count = builder.ashr(row.n_blocks, const(group_width.bit_length() - 1))
+        carried = counted_loop(builder, count, [zero_acc] * n + [splat(F32, group_width, 0.0)] * n, group,
+                               f"{codec.name}.group")
+        factor = ir.Constant(F32, codec.offset_factor)
+        offsets = [builder.fmul(reduce_sum(builder, c), factor, flags=FAST) for c in carried[n:]]
+        carried = counted_loop(builder, row.n_blocks, carried[:n] + offsets, block, f"{codec.name}.rowdot",
+                               start=builder.shl(count, const(group_width.bit_length() - 1)))
+    elif codec.two_scales and (ops.half_dot is None or ops.grouped):
         count = builder.ashr(row.n_blocks, const(3))
         accs = counted_loop(builder, count, [zero_acc] * n, two_scale_group, f"{codec.name}.group")
         carried = counted_loop(builder, row.n_blocks, accs + [ir.Constant(F32, 0.0)] * n, block,
@@ -198,6 +276,17 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
                                f"{codec.name}.rowdot")
     accs, offsets = carried[:n], carried[n:]
     return [builder.fadd(reduce_sum(builder, accs[i]), offsets[i], flags=FAST) for i in range(n)]
+
+
+def blocks_per_iteration(ops: OpSet, codec: BlockCodec) -> int:
+    """Blocks of 32 the main loop of emit_row_dot takes per iteration (for counting instructions)."""
+    if ops.grouped and not codec.two_scales:
+        return GROUP_BLOCKS
+    if codec.two_scales and (ops.half_dot is None or ops.grouped):
+        return GROUP_BLOCKS
+    if ops.pair_dot is not None and codec.pair_dots:
+        return GROUP_BLOCKS
+    return 1
 
 
 FORMAT_CASES = [(FORMATS[name].ggml_type, codec) for name, codec in CODECS.items()]

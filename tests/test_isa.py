@@ -16,7 +16,10 @@ from edgephi.isa import ISA_ENV, ISAS, choose_isa, host_machine, runnable_isas
 
 @pytest.fixture
 def cpu(monkeypatch):
-    """cpu(name, features): make numba (and so edgephi) target that CPU in this test."""
+    """cpu(name, features): make numba (and so edgephi) target that x86 CPU in this test."""
+    if host_machine() != "x86_64":
+        pytest.skip("the simulated CPUs are x86 ones: numba's target override cannot make this host one")
+
     def use(name, features):
         monkeypatch.setattr(config, "CPU_NAME", name)
         monkeypatch.setattr(config, "CPU_FEATURES", features)
@@ -24,7 +27,6 @@ def cpu(monkeypatch):
     return use
 
 
-pytestmark = pytest.mark.skipif(host_machine() != "x86_64", reason="the simulated CPUs are x86 ones")
 
 
 def test_the_fastest_runnable_isa_is_the_default(cpu):
@@ -81,3 +83,50 @@ def test_importing_the_kernels_changes_no_process_wide_setting():
             "print('unchanged')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "unchanged" in done.stdout, done.stderr[-2000:]
+
+
+# --- Arm: the kernels' dot products are chosen from the CPU's HWCAP (what qemu-user emulates)
+
+CORTEX_A72_HWCAP = 0x1FB  # fp asimd evtstrm aes pmull sha1 sha2 crc32 (no asimddp)
+CORTEX_A76_HWCAP = 0x119FFB  # ... and asimddp (bit 20), as qemu-user reports with QEMU_CPU=cortex-a76
+
+
+@pytest.fixture
+def arm(monkeypatch):
+    """arm(hwcap): make edgephi.isa see a 64-bit Arm Linux host with that AT_HWCAP."""
+    from edgephi import isa as isa_module
+
+    def use(hwcap):
+        monkeypatch.setattr(isa_module, "host_machine", lambda: "aarch64")
+        monkeypatch.setattr(isa_module, "read_hwcap", lambda path="/proc/self/auxv": hwcap)
+        monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.delenv(ISA_ENV, raising=False)
+    return use
+
+
+def test_arm_isa_follows_hwcap(arm):
+    arm(CORTEX_A76_HWCAP)
+    assert [isa.name for isa in runnable_isas()] == ["neon-dotprod", "neon", "generic-arm"]
+    arm(CORTEX_A72_HWCAP)
+    assert choose_isa().name == "neon"
+
+
+def test_arm_dot_product_on_a_cpu_without_it_is_refused_in_one_line(arm, monkeypatch):
+    arm(CORTEX_A72_HWCAP)
+    monkeypatch.setenv(ISA_ENV, "neon-dotprod")
+    with pytest.raises(EdgephiError) as info:
+        choose_isa()
+    message = str(info.value)
+    assert "neon-dotprod" in message and "lacks dotprod" in message and "neon, generic-arm" in message
+    assert "\n" not in message
+
+
+def test_hwcap_is_read_from_the_auxiliary_vector(tmp_path):
+    from edgephi.isa import arm_hwcap_features, read_hwcap
+
+    auxv = tmp_path / "auxv"
+    entries = [(6, 4096), (16, CORTEX_A76_HWCAP), (26, 0), (0, 0)]  # AT_PAGESZ, AT_HWCAP, AT_HWCAP2, AT_NULL
+    auxv.write_bytes(b"".join(k.to_bytes(8, "little") + v.to_bytes(8, "little") for k, v in entries))
+    assert read_hwcap(str(auxv)) == CORTEX_A76_HWCAP
+    assert arm_hwcap_features(CORTEX_A76_HWCAP) == {"neon": True, "dotprod": True}
+    assert read_hwcap(str(tmp_path / "missing")) is None

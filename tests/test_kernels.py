@@ -23,6 +23,7 @@ from edgephi.isa import ISAS, choose_isa, runnable_isas
 from edgephi.isa_ops import OP_SETS
 from edgephi.quant import FORMATS, dequantize
 from edgephi.records import activations, linear_from_planes
+from tests.kernel_assembly import per_block, row_dot_assembly
 from tests.test_quant import GGUF_ONLY, random_gguf_blocks
 
 FORMAT_NAMES = ["f32", "f16", "q4_0", "q4_1", "q8_0"]
@@ -73,14 +74,20 @@ def test_f16_to_f32_matches_numpy_for_every_bit_pattern():
 # linear
 
 
+# The activations' largest integer: 127 * 256 + 127, so each splits into two signed bytes (Arm's
+# byte dots); int16's own 32767 would not.
+ACTIVATION_TOP = 127 * 256 + 127
+
+
 def quantize_activations_twin(x):
     """numpy's reading of the decode kernels' activation format: blocks of 32 scaled to int16 by
     their largest magnitude (round half to even), the scale, and the block sums of x_hat."""
     blocks = x.astype(np.float32).reshape(-1, 32)
     amax = np.abs(blocks).max(axis=1)
-    inv = np.where(amax > 0, np.float32(32767.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    top = np.float32(ACTIVATION_TOP)
+    inv = np.where(amax > 0, top / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     xq = np.round(blocks * inv[:, None]).astype(np.int16)
-    xd = (amax / np.float32(32767.0)).astype(np.float32)
+    xd = (amax / top).astype(np.float32)
     return xq.reshape(-1), xd, xq.astype(np.float64).sum(axis=1) * xd
 
 
@@ -96,13 +103,23 @@ def pair_bytes_twin(xq):
     return out
 
 
+def split_bytes_twin(xq):
+    """The byte layout Arm's byte dots read: for each block, its values' low bytes as signed
+    bytes l in -128..127, then the high bytes h with x = 256 h + l."""
+    x = xq.astype(np.int64).reshape(-1, 32)
+    low = x - 256 * np.floor_divide(x + 128, 256)
+    high = (x - low) // 256
+    assert np.all(np.abs(np.concatenate([low, high])) <= 128)
+    return np.concatenate([low, high], axis=1).astype(np.int8).view(np.uint8).reshape(-1)
+
+
 FLOAT_SUM_BUDGET = 1e-5  # fastmath's reordered float32 sums
 
 
 def int16_reading_bound(W, x):
     """Largest change the decode kernels' int16 reading of x (T, K) can make to x @ W.T: each value
-    moves by at most half a step, amax / 65534, of its block of 32."""
-    step = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2) / 65534.0  # (T, K/32)
+    moves by at most half a step, amax / (2 ACTIVATION_TOP), of its block of 32."""
+    step = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=2) / (2.0 * ACTIVATION_TOP)  # (T, K/32)
     w_abs = np.abs(W.astype(np.float64)).reshape(W.shape[0], -1, 32).sum(axis=2)  # (N, K/32)
     return step @ w_abs.T * 1.0001  # (T, N)
 
@@ -141,6 +158,8 @@ def test_quantize_activations_matches_twin():
     assert np.array_equal(xq[64:96], np.zeros(32, np.int16))
     if OP_SETS[HOST.name].pair_bytes:  # the byte copy only the VNNI q4 dots read
         assert np.array_equal(xb, pair_bytes_twin(xq))
+    elif OP_SETS[HOST.name].split_bytes:  # Arm's byte dots
+        assert np.array_equal(xb, split_bytes_twin(xq))
     else:
         assert not xb.any()
     assert np.allclose(xd, want_d, rtol=1e-6, atol=0)
@@ -581,6 +600,9 @@ def test_activation_bytes_only_where_the_isa_reads_them(isa):
     if OP_SETS[isa].pair_bytes:
         assert np.array_equal(xb, pair_bytes_twin(xq))
         assert np.array_equal(xb, isa_ops.pair_bytes_twin(xq))
+    elif OP_SETS[isa].split_bytes:
+        assert np.array_equal(xb, split_bytes_twin(xq))
+        assert np.array_equal(xb, isa_ops.split_bytes_twin(xq))
     else:
         assert not xb.any()
 
@@ -593,26 +615,9 @@ ASSEMBLY_TARGETS = {
     "avx512-vnni": ("x86_64-unknown-linux-gnu", "icelake-server", "+avx512f,+avx512bw,+avx512vnni,+f16c",
                     ["vpdpbusd .*%zmm"]),
     "generic-arm": ("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod", ["smlal v"]),
+    "neon": ("aarch64-unknown-linux-gnu", "cortex-a72", "+neon", ["smlal2? v"]),
+    "neon-dotprod": ("aarch64-unknown-linux-gnu", "cortex-a76", "+neon,+dotprod", ["sdot v"]),
 }
-
-
-def row_dot_assembly(isa, name, triple, cpu, features):
-    import llvmlite.binding as llvm
-    from llvmlite import ir
-
-    from edgephi.row_dot import standalone_row_dot
-
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    module = ir.Module()
-    module.triple = triple
-    standalone_row_dot(module, isa, name)
-    parsed = llvm.parse_assembly(str(module))
-    parsed.verify()
-    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
-    builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
-    builder.getModulePassManager().run(parsed, builder)
-    return machine.emit_assembly(parsed)
 
 
 @pytest.mark.parametrize("isa", sorted(ASSEMBLY_TARGETS))
@@ -628,3 +633,22 @@ def test_every_isa_compiles_for_its_cpu(isa, name):
         assert re.search(instruction, asm), (isa, name, instruction)
     if triple.startswith("aarch64"):
         assert "%xmm" not in asm and "%ymm" not in asm and "%zmm" not in asm
+
+
+# Instructions per block of 32 weights in the Arm row dots' main loop, compiled for the ISA's own
+# CPU (Cortex-A72 / A76). The bandwidth budget of a Pi 5 is about 10 core cycles a q4_0 block.
+ARM_INSTRUCTION_LIMITS = {
+    ("neon", "q4_0"): 30,
+    ("neon", "q8_0"): 30,
+    ("neon-dotprod", "q4_0"): 16,
+    ("neon-dotprod", "q8_0"): 14,
+    ("neon-dotprod", "q4_1"): 17,
+    ("neon-dotprod", "q4_k"): 19,
+}
+
+
+@pytest.mark.parametrize("isa,name", sorted(ARM_INSTRUCTION_LIMITS))
+def test_arm_row_dots_instructions_per_block(isa, name):
+    """The Arm kernels' inner loops stay within their instruction budgets (benchmarks/arm_kernels.py
+    prints every format's count and llvm-mca's cycle estimate)."""
+    assert per_block(isa, name) <= ARM_INSTRUCTION_LIMITS[isa, name]
