@@ -6,13 +6,15 @@ __version__ = "0.1.0"
 BACKENDS = ("numba", "onnxruntime")
 
 
-def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, isa=None):
+def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, isa=None, on_compile=None):
     """Load an edgephi model folder, or an ONNX folder written by `edgephi export-onnx`.
     context: KV capacity in tokens (default: the model's context length, capped so the numba
     backend's KV cache fits in 512 MiB). backend: "numba" (edgephi's kernels) or "onnxruntime";
     by default an ONNX folder runs on onnxruntime, an edgephi folder on numba. isa: the numba
     kernels' instruction set (see edgephi/isa.py; default $EDGEPHI_ISA, else the fastest the CPU
-    runs). threads: this model's steps run on that many threads, whatever other models use."""
+    runs). threads: this model's steps run on that many threads, whatever other models use.
+    on_compile: where the kernels are not in the cache yet (a first run, a new edgephi or CPU),
+    called as on_compile(functions compiled, seconds) every second while they compile."""
     from .api import LanguageModel
     from .onnx_backend import is_onnx_folder
 
@@ -29,4 +31,5 @@ def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, 
     files = read_model_folder(path)  # checked before numba is even imported: a bad folder fails fast
     from .model import NumbaBackend
 
-    return LanguageModel(NumbaBackend(files, threads=threads, context=context, kv_dtype=kv_dtype, isa=isa))
+    return LanguageModel(NumbaBackend(files, threads=threads, context=context, kv_dtype=kv_dtype, isa=isa,
+                                      on_compile=on_compile))

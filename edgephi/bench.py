@@ -62,6 +62,28 @@ def _sum_words(words):
 
 
 PROBE_BYTES = 1 << 30  # far larger than the caches
+MIN_PROBE_BYTES = 64 << 20  # still far larger than a small board's caches (a Pi 5's L3 is 2 MB)
+
+
+def available_memory_bytes(meminfo_path: str = "/proc/meminfo") -> int | None:
+    """What the kernel says can be allocated without swapping (MemAvailable), or None."""
+    try:
+        with open(meminfo_path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def probe_bytes(available: int | None) -> int:
+    """The bandwidth probe's buffer: 1 GiB, or a quarter of the available memory on a smaller
+    machine (a 2 GB board with a model loaded has a few hundred MB to spare); 0: no probe."""
+    if available is None:
+        return PROBE_BYTES
+    size = min(PROBE_BYTES, available // 4) // 8 * 8
+    return size if size >= MIN_PROBE_BYTES else 0
 
 
 def read_bandwidth(words: np.ndarray, repetitions: int) -> float:
@@ -122,17 +144,19 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5,
         result.weights_file_mb = runtime.weights_file_bytes / 2**20
         result.kv_cache_mb = model.kv_bytes(sequence.capacity) / 2**20
         result.weight_bytes_per_token = per_token
-        result.bandwidth_rounds = _paired_bandwidth_rounds(sequence, gen, repetitions)
-        result.read_gb_s = statistics.median(gb_s for gb_s, _ in result.bandwidth_rounds)
-        result.bandwidth_fraction = statistics.median(
-            tok_s * result.weight_bytes_per_token / (gb_s * 1e9) for gb_s, tok_s in result.bandwidth_rounds)
+        probe = probe_bytes(available_memory_bytes())
+        if probe:
+            result.bandwidth_rounds = _paired_bandwidth_rounds(sequence, gen, repetitions, probe)
+            result.read_gb_s = statistics.median(gb_s for gb_s, _ in result.bandwidth_rounds)
+            result.bandwidth_fraction = statistics.median(
+                tok_s * result.weight_bytes_per_token / (gb_s * 1e9) for gb_s, tok_s in result.bandwidth_rounds)
     return result
 
 
-def _paired_bandwidth_rounds(sequence, gen, rounds):
-    """[GB/s, decode tok/s] of rounds that each probe the bandwidth right before decoding `gen`.
-    Runs after peak RSS is taken: the probe's buffer is not the model's."""
-    words = np.ones(PROBE_BYTES // 8, np.uint64)
+def _paired_bandwidth_rounds(sequence, gen, rounds, probe):
+    """[GB/s, decode tok/s] of rounds that each probe the bandwidth (over `probe` bytes) right
+    before decoding `gen`. Runs after peak RSS is taken: the probe's buffer is not the model's."""
+    words = np.ones(probe // 8, np.uint64)
     pairs = []
     for _ in range(rounds):
         gb_s = read_bandwidth(words, repetitions=2)

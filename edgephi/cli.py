@@ -155,7 +155,7 @@ def sampling_options(fn):
         click.option("--lookup", type=int, default=SAMPLING.lookup, show_default=True,
                      help="Draft up to N tokens from the context (prompt lookup) and verify them in one step; "
                      "greedy output is unchanged, sampled output keeps its distribution"),
-        click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]"),
+        click.option("--threads", type=int, default=None, help="CPU threads [default: the cores nothing else keeps busy]"),
         click.option("--context", type=int, default=None, help="KV ring capacity in tokens"),
         click.option("--backend", type=click.Choice(["numba", "onnxruntime"]), default=None,
                      help="[default: onnxruntime for a folder from export-onnx, else numba]"),
@@ -182,28 +182,68 @@ def model_folder(model_path) -> Path:
     return path
 
 
-COMPILE_NOTICE_AFTER_S = 3.0  # a warm load takes about 1 s; only compiling the kernels takes longer
+class CompileNotice:
+    """What a first run says while the kernels compile (load's on_compile): a line that counts
+    the functions compiled and the seconds, redrawn on a terminal, else printed at the start and
+    the end. Only called when the kernel cache lacks them, never on a warm start."""
+
+    def __init__(self, isa: str | None = None):
+        self.live = sys.stderr.isatty()
+        self.shown = False
+        self.isa = isa
+
+    def __call__(self, functions: int, seconds: float) -> None:
+        from .isa import choose_isa
+
+        if not self.shown:
+            self.shown = True
+            click.echo(f"compiling edgephi's kernels for this CPU ({choose_isa(self.isa).name}), once: about a minute "
+                       "on a laptop, a few on a Raspberry Pi; cached for later runs", err=True)
+        line = f"  compiled {functions} functions in {seconds:.0f} s"
+        if self.live:
+            click.echo("\r" + line, nl=False, err=True)
+        self.last = line
+
+    def close(self) -> None:
+        if self.shown:
+            click.echo(("\r" if self.live else "") + self.last, err=True)
 
 
 def open_model(model_path, threads, context, backend=None):
-    import threading
-
     from . import load
-    from .onnx_backend import is_onnx_folder
 
     folder = model_folder(model_path)
-    notice = None
-    if backend != "onnxruntime" and not is_onnx_folder(folder):
-        # the first run on a machine compiles the kernels into the cache: say so, not a long silence
-        notice = threading.Timer(COMPILE_NOTICE_AFTER_S, lambda: click.echo(
-            "compiling edgephi's kernels for this CPU (first run only, under a minute on a laptop)...", err=True))
-        notice.daemon = True
-        notice.start()
+    notice = CompileNotice()
     try:
-        return load(folder, threads=threads, context=context, backend=backend)
+        return load(folder, threads=threads, context=context, backend=backend, on_compile=notice)
     finally:
-        if notice is not None:
-            notice.cancel()
+        notice.close()
+
+
+@main.command()
+@click.option("-m", "--model", "model_path", default=None,
+              help="An edgephi model folder [default: SmolLM2-135M-Instruct, fetched once]; every model "
+              "uses the same compiled kernels")
+@click.option("--isa", default=None, help="Instruction set to compile for [default: $EDGEPHI_ISA, else the fastest "
+              "this CPU runs]")
+@user_errors
+def warmup(model_path, isa):
+    """Compile the kernels for this CPU into the cache now, so that the first chat starts at once:
+    for images provisioned on the board they run on, or a first boot. Run it on that CPU: numba's
+    cache is keyed by the CPU it compiled for."""
+    from . import load
+    from .jit_cache import kernel_folder
+
+    folder = model_folder(model_path)
+    notice = CompileNotice(isa)
+    started = time.perf_counter()
+    try:
+        model = load(folder, threads=1, context=8, isa=isa, on_compile=notice)
+    finally:
+        notice.close()
+    state = "compiled" if notice.shown else "already cached"
+    click.echo(f"kernels for {model.backend.isa.name} {state} in {kernel_folder()} "
+               f"({time.perf_counter() - started:.1f} s)")
 
 
 def print_stats(stats) -> None:
@@ -315,7 +355,7 @@ def info(model_path):
 
 @main.command()
 @click.option("-m", "--model", "model_path", default=None, help="An edgephi model folder [default: the default model]")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: the cores nothing else keeps busy]")
 @click.option("--prompt-tokens", type=int, default=512, show_default=True)
 @click.option("--gen-tokens", type=int, default=128, show_default=True)
 @click.option("--repetitions", type=int, default=5, show_default=True)
@@ -342,7 +382,10 @@ def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json, 
     else:
         click.echo(f"  peak RSS {r.peak_rss_mb:.0f} MiB: weights file {r.weights_file_mb:.0f}, KV cache "
                    f"{r.kv_cache_mb:.0f}, the rest {r.rss_beyond_model_mb:.0f}")
-    if r.weight_bytes_per_token is not None:
+    if r.weight_bytes_per_token is not None and r.read_gb_s is None:
+        click.echo(f"  decode reads {r.weight_bytes_per_token / 1e6:.1f} MB of weights per token (too little free "
+                   "memory to probe the bandwidth)")
+    elif r.weight_bytes_per_token is not None:
         click.echo(f"  decode reads {r.weight_bytes_per_token / 1e6:.1f} MB of weights per token; memory reads "
                    f"{r.read_gb_s:.1f} GB/s here, so decode runs at {r.bandwidth_fraction:.0%} of the bandwidth bound")
     if as_json:

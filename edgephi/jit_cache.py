@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import platform
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numba
@@ -23,22 +27,29 @@ from numba.core.caching import (
     _CacheLocator,
     _SourceFileBackedLocatorMixin,
 )
+from numba.core import event
 from numba.core.dispatcher import Dispatcher
 
 from .errors import EdgephiError
 from .user_cache import kernel_cache_root
 
 # Every module whose source shapes compiled kernel code: jitted functions, IR emitters, records.
-KERNEL_MODULES = ("isa", "isa_ops", "llvm_ir", "block_codecs", "row_dot", "attention_rows", "float16", "records",
-                  "quant", "matmul", "kernels", "forward", "weights")
+KERNEL_MODULES = ("isa", "isa_ops", "llvm_ir", "block_codecs", "row_dot", "gemm_tile", "attention_rows", "float16",
+                  "records", "quant", "matmul", "kernels", "forward", "weights")
 
 _configured: Path | None = None
 _lock = threading.Lock()
 
 
 def kernel_folder() -> Path:
-    """The cache folder for this numba and these kernel sources."""
-    digest = hashlib.sha256(numba.__version__.encode())
+    """The cache folder for this edgephi, numba, llvmlite and Python, and these kernel sources."""
+    import llvmlite
+
+    from . import __version__
+
+    versions = f"edgephi {__version__} numba {numba.__version__} llvmlite {llvmlite.__version__} " \
+               f"python {platform.python_version()}"
+    digest = hashlib.sha256(versions.encode())
     here = Path(__file__).parent
     for name in KERNEL_MODULES:
         digest.update((here / f"{name}.py").read_bytes())
@@ -93,3 +104,51 @@ def use_kernel_cache() -> Path:
                     value._cache = cache_class(value.py_func)
         _configured = folder
     return folder
+
+
+def is_cached(dispatcher: Dispatcher, signature: tuple) -> bool:
+    """Whether numba's cache holds `dispatcher`'s machine code for these argument types (for this
+    CPU and these sources): if not, the first call compiles. Read from numba's cache index;
+    False where its internals are not as expected (then a notice may show needlessly)."""
+    try:
+        cache = dispatcher._cache
+        if isinstance(cache, NullCache):
+            return False
+        key = cache._index_key(signature, dispatcher.targetctx.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:
+        return False
+
+
+class _CompileCounter(event.Listener):
+    def __init__(self):
+        self.done = 0
+
+    def on_start(self, ev):
+        pass
+
+    def on_end(self, ev):
+        self.done += 1
+
+
+@contextmanager
+def compile_progress(report: Callable[[int, float], None], every_s: float = 1.0) -> Iterator[None]:
+    """report(functions compiled so far, seconds) as numba compiles functions inside the block,
+    and every `every_s` seconds besides, then once at the end."""
+    counter = _CompileCounter()
+    started = time.perf_counter()
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(every_s):
+            report(counter.done, time.perf_counter() - started)
+
+    ticker = threading.Thread(target=tick, name="edgephi-compile-progress", daemon=True)
+    ticker.start()
+    try:
+        with event.install_listener("numba:compile", counter):
+            yield
+    finally:
+        stop.set()
+        ticker.join()
+        report(counter.done, time.perf_counter() - started)

@@ -9,6 +9,8 @@ when two threads launch one at once), so the lock costs no throughput on a singl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import threading
 import time
 from pathlib import Path
@@ -17,11 +19,12 @@ import numba
 import numpy as np
 
 from .backend import check_context, check_threads
+from .cpu_cores import idle_cores
 from .errors import ModelFormatError
 from .format import GENERATION_FILE, WEIGHTS_FILE, ModelConfig
 from .forward import ATTENTION_TOKENS, forward, new_scratch, scratch_bytes_per_token
 from .isa import choose_isa
-from .jit_cache import use_kernel_cache
+from .jit_cache import compile_progress, is_cached, use_kernel_cache
 from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
 from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache
 from .model_folder import ModelFolder, read_model_folder
@@ -57,12 +60,13 @@ class NumbaBackend:
     name = "numba"
 
     def __init__(self, folder: str | Path | ModelFolder, *, threads: int | None = None, context: int | None = None,
-                 kv_dtype: str = "float16", isa: str | None = None):
+                 kv_dtype: str = "float16", isa: str | None = None,
+                 on_compile: Callable[[int, float], None] | None = None):
         files = folder if isinstance(folder, ModelFolder) else read_model_folder(folder)
         self.folder, self.config, self.tokenizer = files.path, files.config, files.tokenizer
         self.generation_config, self.generation_file = files.generation, files.path / GENERATION_FILE
-        self.threads = min(check_threads(threads) or numba.config.NUMBA_NUM_THREADS,  # default: every core
-                           numba.config.NUMBA_NUM_THREADS)
+        # default: the cores nothing else keeps busy (a thread on a busy core stalls every step)
+        self.threads = min(check_threads(threads) or idle_cores(), numba.config.NUMBA_NUM_THREADS)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.kv_dtype = kv_dtype
@@ -78,7 +82,7 @@ class NumbaBackend:
         self.prefill_chunk = prefill_chunk_tokens(cfg)
         self._scratch: dict[int, Scratch] = {}  # tokens per step -> scratch; used under KERNEL_LOCK
         started = time.perf_counter()
-        self._load_kernels()
+        self._load_kernels(on_compile)
         self.kernels_s = time.perf_counter() - started  # loading (or on a first run compiling) them
 
     @property
@@ -149,17 +153,23 @@ class NumbaBackend:
 
     # -- one forward step ------------------------------------------------------------------------
 
-    def _load_kernels(self) -> None:
+    def _load_kernels(self, on_compile: Callable[[int, float], None] | None = None) -> None:
         """Load the forward pass's machine code from numba's cache (compiling it on the very first
-        run) before any weight page is touched, then drop the compiler's code pages: the peak
-        resident set is then weights plus what the run keeps, not weights plus LLVM."""
+        run, and then telling on_compile(functions compiled, seconds) as it goes) before any weight
+        page is touched, then drop the compiler's code pages: the peak resident set is then
+        weights plus what the run keeps, not weights plus LLVM."""
         cache = KVCache(self.config, 2, sinks=0, dtype=self.kv_dtype)
         one = np.zeros(1, np.int64)
         logits = np.zeros((1, self.config.vocab_size), np.float32)
         args = (one, one, one, self.transformer, kv_arrays(cache), self._scratch_for(1, 2), logits)
         # A decode step's arguments are the cache's own buffers, of exactly these types: calling the
         # compiled code directly skips numba's type resolution of the records (0.5-1 ms a token).
-        self._decode_step = forward.compile(tuple(numba.typeof(a) for a in args))
+        signature = tuple(numba.typeof(a) for a in args)
+        if on_compile is not None and not is_cached(forward, signature):
+            with compile_progress(on_compile):
+                self._decode_step = forward.compile(signature)
+        else:
+            self._decode_step = forward.compile(signature)
         release_compiler_pages()
 
     def _scratch_for(self, tokens: int, capacity: int) -> Scratch:

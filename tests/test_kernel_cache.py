@@ -36,3 +36,28 @@ def test_kernel_cache_is_chosen_once_and_a_second_folder_is_refused(tmp_path):
     assert line.startswith("refused:") and str(first) in line and str(second) in line, line
     assert len(line.splitlines()) == 1
     assert (first / line.split(str(first) + "/")[1].split()[0].rstrip(";")).is_dir()
+
+
+def test_the_cache_key_covers_every_kernel_source():
+    """A module that holds jitted kernels or emits their IR is in the cache folder's key: an edit
+    to it (gemm_tile.py was once left out) must not load stale machine code. bench.py's probe is
+    the one jitted function outside the model's kernels (numba's own cache keys it by its file)."""
+    import re
+    from pathlib import Path
+
+    from edgephi.jit_cache import KERNEL_MODULES
+
+    package = Path(__file__).resolve().parent.parent / "edgephi"
+    emitting = {path.stem for path in package.glob("*.py")
+                if re.search(r"@njit|@intrinsic|from llvmlite", path.read_text())}
+    assert emitting - {"bench"} <= set(KERNEL_MODULES), emitting - set(KERNEL_MODULES)
+
+
+def test_the_cache_key_covers_the_versions(monkeypatch):
+    """A new edgephi (or numba, llvmlite, Python) compiles into a folder of its own."""
+    import edgephi
+    from edgephi import jit_cache
+
+    before = jit_cache.kernel_folder()
+    monkeypatch.setattr(edgephi, "__version__", edgephi.__version__ + ".post1")
+    assert jit_cache.kernel_folder() != before
