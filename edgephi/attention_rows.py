@@ -18,6 +18,7 @@ from .llvm_ir import (
     const,
     counted_loop,
     lanes_at,
+    load_vector,
     prefetch,
     reduce_sum,
     splat,
@@ -28,12 +29,18 @@ PREFETCH_ROWS = 16  # KV cache rows ahead that attention asks for
 ROWS_CHUNK = 32  # columns weighted_rows_sum handles per call: four 8-lane accumulators
 
 
-def _row_chunk_reader(builder, rows, col, half):
+def _element(dtype) -> str:
+    """How a KV cache's elements are stored: "f16" (float16 bits), "i8" or "f32"."""
+    return {types.uint16: "f16", types.int8: "i8"}.get(dtype, "f32")
+
+
+def _row_chunk_reader(builder, rows, col, kind):
     """lanes(s): row s, columns col .. col + ROWS_CHUNK - 1 of a 2-D C-contiguous array `rows` (a
-    numba array struct) of float32 or float16 bits, as ROWS_CHUNK / 8 float vectors of 8 lanes.
-    Asking for row s also prefetches the same columns PREFETCH_ROWS rows on: the rows of a KV cache
-    head are strided, which the hardware prefetchers follow only within a page."""
-    itemsize = 2 if half else 4
+    numba array struct) of float32, float16 bits or int8 (as integers, unscaled), as ROWS_CHUNK / 8
+    float vectors of 8 lanes. Asking for row s also prefetches the same columns PREFETCH_ROWS rows
+    on: the rows of a KV cache head are strided, which the hardware prefetchers follow only within
+    a page."""
+    itemsize = {"f16": 2, "i8": 1, "f32": 4}[kind]
     row_bytes = builder.extract_value(rows.strides, 0)
     base = builder.bitcast(rows.data, I8.as_pointer())
     col_bytes = builder.mul(col, const(itemsize))
@@ -41,27 +48,38 @@ def _row_chunk_reader(builder, rows, col, half):
     def lanes(s):
         start = builder.add(builder.mul(s, row_bytes), col_bytes)
         prefetch(builder, base, builder.add(start, builder.mul(row_bytes, const(PREFETCH_ROWS))), 0)
-        return [lanes_at(builder, base, builder.add(start, const(g * LANES * itemsize)), half)
-                for g in range(ROWS_CHUNK // LANES)]
+        at = [builder.add(start, const(g * LANES * itemsize)) for g in range(ROWS_CHUNK // LANES)]
+        if kind == "i8":
+            return [builder.sitofp(load_vector(builder, base, a, I8, LANES, 1), vec(F32, LANES)) for a in at]
+        return [lanes_at(builder, base, a, kind == "f16") for a in at]
     return lanes
 
 
+def _row_scale(builder, scales, s, scale_col):
+    """scales[s, scale_col] (float32; an int8 cache's block scale)."""
+    base = builder.bitcast(scales.data, I8.as_pointer())
+    at = builder.add(builder.mul(s, builder.extract_value(scales.strides, 0)), builder.mul(scale_col, const(4)))
+    return builder.load(builder.bitcast(builder.gep(base, [at]), F32.as_pointer()))
+
+
 @intrinsic
-def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
+def weighted_rows_sum(typingctx, weights, n_rows, rows, col, scales, scale_col, out, out_col):
     """out[out_col + i] = sum_{s < n_rows, weights[s] != 0} weights[s] * rows[s, col + i], i < 32.
-    rows: a 2-D C-contiguous float32 or float16-bits (uint16) array (attention's V cache). The 32
-    sums stay in registers across all rows, where a loop of slice updates stores them every row."""
-    sig = types.void(weights, types.intp, rows, types.intp, out, types.intp)
-    half = rows.dtype == types.uint16
+    rows: a 2-D C-contiguous float32, float16-bits (uint16) or int8 array (attention's V cache);
+    int8 rows are multiplied by scales[s, scale_col] (float32 (C, blocks)). The 32 sums stay in
+    registers across all rows, where a loop of slice updates stores them every row."""
+    sig = types.void(weights, types.intp, rows, types.intp, scales, types.intp, out, types.intp)
+    kind = _element(rows.dtype)
 
     def codegen(context, builder, signature, args):
         wa = context.make_array(signature.args[0])(context, builder, args[0])
         ra = context.make_array(signature.args[2])(context, builder, args[2])
-        oa = context.make_array(signature.args[4])(context, builder, args[4])
-        n_rows, col, out_col = args[1], args[3], args[5]
+        sa = context.make_array(signature.args[4])(context, builder, args[4])
+        oa = context.make_array(signature.args[6])(context, builder, args[6])
+        n_rows, col, scale_col, out_col = args[1], args[3], args[5], args[7]
         wbase = builder.bitcast(wa.data, F32.as_pointer())
         obase = builder.bitcast(oa.data, F32.as_pointer())
-        row_lanes = _row_chunk_reader(builder, ra, col, half)
+        row_lanes = _row_chunk_reader(builder, ra, col, kind)
 
         def row(s, accs):
             w = builder.load(builder.gep(wbase, [s]))
@@ -70,6 +88,8 @@ def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
             skipped_from = builder.block
             builder.cbranch(builder.fcmp_ordered("!=", w, ir.Constant(F32, 0.0)), use, merge)
             builder.position_at_end(use)
+            if kind == "i8":
+                w = builder.fmul(w, _row_scale(builder, sa, s, scale_col), flags=FAST)
             wv = broadcast(builder, w, LANES)
             updated = [builder.fadd(a, builder.fmul(wv, vals, flags=FAST), flags=FAST)
                        for a, vals in zip(accs, row_lanes(s))]
@@ -94,20 +114,22 @@ def weighted_rows_sum(typingctx, weights, n_rows, rows, col, out, out_col):
 
 
 @intrinsic
-def rows_dot_chunk(typingctx, q, q_col, n_rows, rows, col, out, accumulate):
+def rows_dot_chunk(typingctx, q, q_col, n_rows, rows, col, scales, scale_col, out, accumulate):
     """out[s] (+)= sum_{i < 32} q[q_col + i] * rows[s, col + i] for every s < n_rows: attention's
-    q . k over 32 columns of the K cache (float32 or float16 bits), q held in registers."""
-    sig = types.void(q, types.intp, types.intp, rows, types.intp, out, types.boolean)
-    half = rows.dtype == types.uint16
+    q . k over 32 columns of the K cache (float32, float16 bits, or int8 times scales[s,
+    scale_col]), q held in registers."""
+    sig = types.void(q, types.intp, types.intp, rows, types.intp, scales, types.intp, out, types.boolean)
+    kind = _element(rows.dtype)
 
     def codegen(context, builder, signature, args):
         qa = context.make_array(signature.args[0])(context, builder, args[0])
         ra = context.make_array(signature.args[3])(context, builder, args[3])
-        oa = context.make_array(signature.args[5])(context, builder, args[5])
-        q_col, n_rows, col, accumulate = args[1], args[2], args[4], args[6]
+        sa = context.make_array(signature.args[5])(context, builder, args[5])
+        oa = context.make_array(signature.args[7])(context, builder, args[7])
+        q_col, n_rows, col, scale_col, accumulate = args[1], args[2], args[4], args[6], args[8]
         qbase = builder.bitcast(qa.data, F32.as_pointer())
         obase = builder.bitcast(oa.data, F32.as_pointer())
-        row_lanes = _row_chunk_reader(builder, ra, col, half)
+        row_lanes = _row_chunk_reader(builder, ra, col, kind)
         qv = []
         for g in range(ROWS_CHUNK // LANES):
             p = builder.gep(qbase, [builder.add(q_col, const(g * LANES))])
@@ -120,7 +142,10 @@ def rows_dot_chunk(typingctx, q, q_col, n_rows, rows, col, out, accumulate):
                 acc = prod if acc is None else builder.fadd(acc, prod, flags=FAST)
             op = builder.gep(obase, [s])
             previous = builder.select(accumulate, builder.load(op), ir.Constant(F32, 0.0))
-            builder.store(builder.fadd(previous, reduce_sum(builder, acc), flags=FAST), op)
+            dot = reduce_sum(builder, acc)
+            if kind == "i8":
+                dot = builder.fmul(dot, _row_scale(builder, sa, s, scale_col), flags=FAST)
+            builder.store(builder.fadd(previous, dot, flags=FAST), op)
             return []
 
         counted_loop(builder, n_rows, [], row, "rdc")

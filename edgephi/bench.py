@@ -97,14 +97,16 @@ def read_bandwidth(words: np.ndarray, repetitions: int) -> float:
     return best
 
 
-def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5, backend=None) -> BenchResult:
+def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5, backend=None,
+        kv_dtype="float16") -> BenchResult:
     from . import load
 
     for name, value in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens), ("repetitions", repetitions)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     started = time.perf_counter()
-    model = load(path, threads=threads, context=max(prompt_tokens, gen_tokens) + 8, backend=backend)
+    kv = {} if kv_dtype == "float16" else {"kv_dtype": kv_dtype}  # onnxruntime keeps its own float32 cache
+    model = load(path, threads=threads, context=max(prompt_tokens, gen_tokens) + 8, backend=backend, **kv)
     load_s = time.perf_counter() - started
     runtime = model.backend
     kernels_s = runtime.kernels_s  # numba: inside load; onnxruntime: None, at the first step

@@ -3,6 +3,7 @@ convert with LLVM's own instructions (one vcvtph2ps per 8 or 16 values on x86)."
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
@@ -25,17 +26,20 @@ def f32_to_f16(typingctx, value):
 
 
 def widen(value):
-    """A KV cache element as float32: the cache holds float16 bits (uint16) or float32."""
+    """A KV cache element as float32: the cache holds float16 bits (uint16), float32, or int8
+    (to be multiplied by its row's scale)."""
 
 
 def narrow(value, like):
-    """A float32 value in the element type of the cache `like`."""
+    """A float32 value in the element type of the cache `like` (int8: already scaled to +-127)."""
 
 
 @overload(widen)
 def _widen(value):
     if value == types.uint16:
         return lambda value: f16_to_f32(value)
+    if value == types.int8:
+        return lambda value: np.float32(value)
     return lambda value: value
 
 
@@ -43,4 +47,6 @@ def _widen(value):
 def _narrow(value, like):
     if like.dtype == types.uint16:
         return lambda value, like: f32_to_f16(value)
+    if like.dtype == types.int8:
+        return lambda value, like: np.int8(max(np.float32(-127.0), min(np.float32(127.0), round(value))))
     return lambda value, like: value

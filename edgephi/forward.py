@@ -63,15 +63,15 @@ def forward(tokens, positions, slots, model, cache, scratch, logits):
     embed_rows(model.embed, tokens, x)
     for i in range(len(model.layers)):
         layer = model.layers[i]
-        k_cache, v_cache = cache.k[i], cache.v[i]
+        k_cache, v_cache, k_scale, v_scale = cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i]
         rmsnorm(x, layer.attn_norm, model.eps, xn)
         nonfinite += linear(isa, layer.qkv, xn, qkv, act)
         rope(qkv, positions, inv_freq, model.rope.attention_factor, H, Hk, Dh, R)
-        store_kv(qkv, slots, k_cache, v_cache, H, Hk, Dh)
+        store_kv(qkv, slots, k_cache, v_cache, k_scale, v_scale, H, Hk, Dh)
         for t0 in range(0, T, ATTENTION_TOKENS):  # bounds the scores scratch, not the matmul chunk
             t1 = min(T, t0 + ATTENTION_TOKENS)
-            attention(qkv[t0:t1], positions[t0:t1], k_cache, v_cache, cache.slot_pos, cache.n_slots, model.window,
-                      H, Hk, Dh, scratch.scores, attn[t0:t1])
+            attention(qkv[t0:t1], positions[t0:t1], k_cache, v_cache, k_scale, v_scale, cache.slot_pos, cache.n_slots,
+                      model.window, H, Hk, Dh, scratch.scores, attn[t0:t1])
         nonfinite += linear(isa, layer.o, attn, tmp, act)
         add_into(x, tmp)
         rmsnorm(x, layer.ffn_norm, model.eps, xn)

@@ -13,6 +13,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .attention_rows import ROWS_CHUNK, rows_dot_chunk, weighted_rows_sum
+from .kv_cache import KV_BLOCK
 from .float16 import narrow, widen
 from .matmul import CACHE_PARALLEL
 
@@ -52,15 +53,41 @@ def rope(qkv, positions, inv_freq, attention_factor, n_heads, n_kv_heads, head_d
 
 
 @njit(cache=True)
-def store_kv(qkv, slots, k_cache, v_cache, n_heads, n_kv_heads, head_dim):
-    """Write the new tokens' k and v into cache slots. k_cache (C, Hk * Dh) f16 bits or float32."""
+def store_kv(qkv, slots, k_cache, v_cache, k_scale, v_scale, n_heads, n_kv_heads, head_dim):
+    """Write the new tokens' k and v into cache slots. k_cache (C, Hk * Dh) f16 bits, float32, or
+    int8: then each block of KV_BLOCK values of a head's row (the last may be shorter) is scaled
+    to its largest magnitude / 127, the scale kept in k_scale (C, Hk * ceil(Dh / KV_BLOCK)) (float
+    caches pass scales of shape (C, 0))."""
     q_width = n_heads * head_dim
     kv_width = n_kv_heads * head_dim
+    quantized = k_scale.shape[1] > 0
+    per_head = (head_dim + KV_BLOCK - 1) // KV_BLOCK
     for t in range(qkv.shape[0]):
         s = slots[t]
-        for j in range(kv_width):
-            k_cache[s, j] = narrow(qkv[t, q_width + j], k_cache)
-            v_cache[s, j] = narrow(qkv[t, q_width + kv_width + j], v_cache)
+        if quantized:
+            for h in range(n_kv_heads):
+                for b in range(per_head):
+                    j0 = h * head_dim + b * KV_BLOCK
+                    j1 = min(j0 + KV_BLOCK, (h + 1) * head_dim)
+                    k_scale[s, h * per_head + b] = _to_int8(qkv[t, q_width + j0:q_width + j1], k_cache[s, j0:j1])
+                    v_scale[s, h * per_head + b] = _to_int8(qkv[t, q_width + kv_width + j0:q_width + kv_width + j1],
+                                                            v_cache[s, j0:j1])
+        else:
+            for j in range(kv_width):
+                k_cache[s, j] = narrow(qkv[t, q_width + j], k_cache)
+                v_cache[s, j] = narrow(qkv[t, q_width + kv_width + j], v_cache)
+
+
+@njit(cache=True, inline="always")
+def _to_int8(values, out):
+    """out = round(values / scale) with scale = max |values| / 127 (0 for zeros); returns scale."""
+    amax = np.float32(0.0)
+    for j in range(values.shape[0]):
+        amax = max(amax, abs(values[j]))
+    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+    for j in range(values.shape[0]):
+        out[j] = narrow(values[j] * inv, out)
+    return amax / np.float32(127.0)
 
 
 @intrinsic
@@ -102,11 +129,13 @@ def _axpy(w, v, out):
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
-def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_heads, n_kv_heads, head_dim,
-              scores, out):
+def attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_slots, window, n_heads, n_kv_heads,
+              head_dim, scores, out):
     """Causal attention of each new token over the cache slots holding earlier-or-equal positions
     (and, with a sliding window > 0, positions > pos - window), one (token, head) per task.
-    scores (T * H, C) scratch; out (T, H * Dh). Rows are taken as slices: LLVM vectorises the
+    scores (T * H, C) scratch; out (T, H * Dh). An int8 cache's rows are read as integers, each
+    block's dot (or weight) multiplied by its scale (k_scale, v_scale, see store_kv): the
+    dequantized cache's attention, up to float rounding. Rows are taken as slices: LLVM vectorises the
     dot and axpy loops over them (with float16 widened by vcvtph2ps), unlike 2-D indexing here."""
     T = qkv.shape[0]
     group = n_heads // n_kv_heads
@@ -118,17 +147,21 @@ def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_hea
         if slot_pos[s] <= slot_pos[s - 1]:
             ordered = False
             break
+    quantized = k_scale.shape[1] > 0
+    per_head = (head_dim + KV_BLOCK - 1) // KV_BLOCK
     for th in prange(T * n_heads):
         t = th // n_heads
         h = th % n_heads
         pos = positions[t]
         q = qkv[t, h * head_dim:(h + 1) * head_dim]
-        kv = (h // group) * head_dim
+        kh = h // group
+        kv = kh * head_dim
         row = scores[th]
         n = np.searchsorted(slot_pos[:n_slots], pos, side="right") if ordered else n_slots
         chunked = head_dim - head_dim % ROWS_CHUNK
         for c in range(0, chunked, ROWS_CHUNK):
-            rows_dot_chunk(qkv[t], h * head_dim + c, n, k_cache, kv + c, row, c > 0)
+            rows_dot_chunk(qkv[t], h * head_dim + c, n, k_cache, kv + c, k_scale, kh * per_head + c // KV_BLOCK, row,
+                           c > 0)
         best = np.float32(-np.inf)
         for s in range(n):
             p = slot_pos[s]
@@ -137,7 +170,8 @@ def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_hea
             else:
                 if chunked < head_dim:
                     partial = row[s] if chunked > 0 else np.float32(0.0)
-                    row[s] = partial + _dot(q[chunked:], k_cache[s, kv + chunked:kv + head_dim])
+                    tail = _dot(q[chunked:], k_cache[s, kv + chunked:kv + head_dim])
+                    row[s] = partial + (tail * k_scale[s, kh * per_head + per_head - 1] if quantized else tail)
                 row[s] *= scale
                 best = max(best, row[s])
         total = np.float32(0.0)
@@ -150,13 +184,14 @@ def attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, n_hea
         o0 = h * head_dim
         chunked = head_dim - head_dim % ROWS_CHUNK
         for c in range(0, chunked, ROWS_CHUNK):
-            weighted_rows_sum(row, n, v_cache, kv + c, out[t], o0 + c)
+            weighted_rows_sum(row, n, v_cache, kv + c, v_scale, kh * per_head + c // KV_BLOCK, out[t], o0 + c)
         if chunked < head_dim:  # head dims that are not a multiple of 32 (small test models)
             o = out[t, o0 + chunked:o0 + head_dim]
             o[:] = 0.0
             for s in range(n):
                 if row[s] != 0.0:
-                    _axpy(row[s], v_cache[s, kv + chunked:kv + head_dim], o)
+                    w = row[s] * v_scale[s, kh * per_head + per_head - 1] if quantized else row[s]
+                    _axpy(w, v_cache[s, kv + chunked:kv + head_dim], o)
 
 
 @njit(cache=True)

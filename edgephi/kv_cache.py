@@ -10,7 +10,8 @@ import numpy as np
 from .format import ModelConfig
 
 DEFAULT_SINKS = 4
-KV_DTYPES = ("float16", "float32")
+KV_DTYPES = ("float16", "float32", "int8")
+KV_BLOCK = 32  # an int8 cache's values per scale (as llama.cpp's q8_0 cache): one attention row chunk
 
 
 def lazy_zeros(shape, dtype) -> np.ndarray:
@@ -27,7 +28,8 @@ def lazy_zeros(shape, dtype) -> np.ndarray:
 
 
 class KVCache:
-    """K and V of every layer for up to `capacity` tokens, as float16 bits (or float32)."""
+    """K and V of every layer for up to `capacity` tokens, as float16 bits, float32, or int8 with
+    a float32 scale per KV_BLOCK values of a head's row (0.56 of float16's memory)."""
 
     def __init__(self, cfg: ModelConfig, capacity: int, sinks: int = DEFAULT_SINKS, dtype: str = "float16"):
         if capacity < 2:
@@ -36,10 +38,15 @@ class KVCache:
         self.sinks = min(sinks, capacity - 1)
         width = cfg.num_kv_heads * cfg.head_dim
         if dtype not in KV_DTYPES:
-            raise ValueError(f"kv_dtype must be float16 or float32, got {dtype!r}")
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
         # (L, C, Hk * Dh): float16 travels as uint16 bits (numba cannot load float16)
-        self.k = lazy_zeros((cfg.num_layers, capacity, width), np.uint16 if dtype == "float16" else np.float32)
+        element = {"float16": np.uint16, "float32": np.float32, "int8": np.int8}[dtype]
+        self.k = lazy_zeros((cfg.num_layers, capacity, width), element)
         self.v = lazy_zeros(self.k.shape, self.k.dtype)
+        # (L, C, Hk * ceil(Dh / KV_BLOCK)) scales of an int8 cache's blocks; (L, C, 0) for float caches
+        blocks = cfg.num_kv_heads * -(-cfg.head_dim // KV_BLOCK) if dtype == "int8" else 0
+        self.k_scale = lazy_zeros((cfg.num_layers, capacity, blocks), np.float32)
+        self.v_scale = lazy_zeros(self.k_scale.shape, np.float32)
         self.slot_pos = np.full(capacity, -1, np.int64)  # absolute position held by each slot
         self.slot_token = np.full(capacity, -1, np.int64)  # its token id (to recompute, e.g. LongRoPE)
         self._one_pos = np.zeros(1, np.int64)
@@ -48,7 +55,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + self.k_scale.nbytes + self.v_scale.nbytes
 
     def reset(self) -> None:
         self.slot_pos[:] = -1

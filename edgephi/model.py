@@ -45,7 +45,7 @@ KERNEL_LOCK = threading.Lock()  # one forward() at a time in the process (see th
 
 def kv_arrays(cache: KVCache) -> KvArrays:
     """The ring as the next forward step reads it."""
-    return KvArrays(cache.k, cache.v, cache.slot_pos, cache.n_slots, cache.long_rope)
+    return KvArrays(cache.k, cache.v, cache.k_scale, cache.v_scale, cache.slot_pos, cache.n_slots, cache.long_rope)
 
 
 def prefill_chunk_tokens(cfg: ModelConfig) -> int:

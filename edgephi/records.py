@@ -85,8 +85,10 @@ class Transformer(TransformerFields):
 class KvArrays(NamedTuple):
     """A sequence's KV ring as one step sees it (model.kv_arrays)."""
 
-    k: np.ndarray  # (L, C, Hk Dh): float16 bits (uint16) or float32
+    k: np.ndarray  # (L, C, Hk Dh): float16 bits (uint16), float32 or int8
     v: np.ndarray  # (L, C, Hk Dh)
+    k_scale: np.ndarray  # float32 (L, C, Hk ceil(Dh / 32)): an int8 cache's block scales; (L, C, 0) otherwise
+    v_scale: np.ndarray  # float32 (L, C, Hk ceil(Dh / 32))
     slot_pos: np.ndarray  # int64 (C,): absolute position each slot holds, -1 if none
     n_slots: int  # slots in use
     long_rope: bool  # keys are rotated with LongRoPE's long factors

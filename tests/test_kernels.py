@@ -460,7 +460,43 @@ def torch_sdpa_reference(q, k, v, slot_pos, positions, n_slots, window, H, Hk, D
     return o[0].transpose(0, 1).reshape(T, H * Dh).numpy().astype(np.float64)
 
 
-@pytest.mark.parametrize("kv_dtype", [np.uint16, np.float32])
+def no_scales(C):
+    """The scales a float KV cache passes: none."""
+    return np.zeros((C, 0), np.float32)
+
+
+def int8_blocks(Dh):
+    """The blocks of 32 an int8 cache scales a head's row by (the last may be shorter)."""
+    return [(b, min(b + 32, Dh)) for b in range(0, Dh, 32)]
+
+
+def int8_rows_twin(x, Hk, Dh):
+    """numpy's int8 KV rows: each block of 32 of a head's row over its largest magnitude / 127,
+    rounded half to even; (int8 (C, Hk Dh), float32 scales (C, Hk * blocks per head))."""
+    heads = x.astype(np.float32).reshape(x.shape[0], Hk, Dh)
+    q = np.zeros(heads.shape, np.int8)
+    scales = []
+    for h in range(Hk):
+        for b0, b1 in int8_blocks(Dh):
+            part = heads[:, h, b0:b1]
+            amax = np.abs(part).max(axis=1)
+            inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+            q[:, h, b0:b1] = np.clip(np.round(part * inv[:, None]), -127, 127)
+            scales.append((amax / np.float32(127.0)).astype(np.float32))
+    return q.reshape(x.shape[0], Hk * Dh), np.stack(scales, axis=1)
+
+
+def int8_dequantized(q, scales, Hk, Dh):
+    """What an int8 cache holds, in float64: each block's integers times its scale."""
+    heads = q.astype(np.float64).reshape(q.shape[0], Hk, Dh)
+    blocks = int8_blocks(Dh)
+    for h in range(Hk):
+        for i, (b0, b1) in enumerate(blocks):
+            heads[:, h, b0:b1] *= scales[:, h * len(blocks) + i, None]
+    return heads.reshape(q.shape[0], Hk * Dh)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.uint16, np.float32, np.int8])
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("H,Hk", [(4, 2), (4, 4), (6, 1)])
 @pytest.mark.parametrize("Dh", [16, 40, 64])  # below, above and at the 32-column vector chunks
@@ -477,36 +513,49 @@ def test_store_kv_and_attention(kv_dtype, window, H, Hk, Dh):
 
     old_k = (rng.standard_normal((C, width)) * 2).astype(np.float32)
     old_v = rng.standard_normal((C, width)).astype(np.float32)
+    k_scale, v_scale = no_scales(C), no_scales(C)
     if kv_dtype == np.uint16:
         k_cache, v_cache = old_k.astype(np.float16).view(np.uint16), old_v.astype(np.float16).view(np.uint16)
+    elif kv_dtype == np.int8:
+        (k_cache, k_scale), (v_cache, v_scale) = int8_rows_twin(old_k, Hk, Dh), int8_rows_twin(old_v, Hk, Dh)
     else:
         k_cache, v_cache = old_k.copy(), old_v.copy()
     k_before, v_before = k_cache.copy(), v_cache.copy()
     qkv = (rng.standard_normal((T, (H + 2 * Hk) * Dh)) * 2).astype(np.float32)
 
-    kernels.store_kv(qkv, slots, k_cache, v_cache, H, Hk, Dh)
+    kernels.store_kv(qkv, slots, k_cache, v_cache, k_scale, v_scale, H, Hk, Dh)
 
     new_k = qkv[:, H * Dh:(H + Hk) * Dh]
     new_v = qkv[:, (H + Hk) * Dh:]
     if kv_dtype == np.uint16:
         want_k, want_v = new_k.astype(np.float16).view(np.uint16), new_v.astype(np.float16).view(np.uint16)
+    elif kv_dtype == np.int8:
+        (want_k, want_ks), (want_v, want_vs) = int8_rows_twin(new_k, Hk, Dh), int8_rows_twin(new_v, Hk, Dh)
+        # fastmath may round x * (127 / amax) either way at a half
+        assert np.abs(k_cache[slots].astype(int) - want_k).max() <= 1
+        assert np.abs(v_cache[slots].astype(int) - want_v).max() <= 1
+        assert np.allclose(k_scale[slots], want_ks, rtol=1e-6) and np.allclose(v_scale[slots], want_vs, rtol=1e-6)
+        want_k, want_v = k_cache[slots], v_cache[slots]
     else:
         want_k, want_v = new_k, new_v
     assert np.array_equal(k_cache[slots], want_k) and np.array_equal(v_cache[slots], want_v)
     others = np.setdiff1d(np.arange(C), slots)
     assert np.array_equal(k_cache[others], k_before[others]) and np.array_equal(v_cache[others], v_before[others])
 
-    # the reference reads what the cache holds (float16-rounded values for the f16 cache)
+    # the reference reads what the cache holds: float16-rounded values, or int8 times its row's scale
     if kv_dtype == np.uint16:
         k_ref = k_cache.view(np.float16).astype(np.float64)
         v_ref = v_cache.view(np.float16).astype(np.float64)
+    elif kv_dtype == np.int8:
+        k_ref, v_ref = int8_dequantized(k_cache, k_scale, Hk, Dh), int8_dequantized(v_cache, v_scale, Hk, Dh)
     else:
         k_ref, v_ref = k_cache.astype(np.float64), v_cache.astype(np.float64)
     q = qkv[:, :H * Dh].astype(np.float64)
 
     scores = np.full((T * H, C), np.nan, np.float32)
     out = np.full((T, H * Dh), np.nan, np.float32)
-    kernels.attention(qkv, positions, k_cache, v_cache, slot_pos, n_slots, window, H, Hk, Dh, scores, out)
+    kernels.attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_slots, window, H, Hk, Dh,
+                      scores, out)
 
     ref = attention_reference(q, k_ref, v_ref, slot_pos, positions, n_slots, window, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5), np.abs(out - ref).max()
@@ -527,7 +576,7 @@ def test_attention_masks_make_a_difference():
     scores = np.zeros((H, 4), np.float32)
     out = np.zeros((1, H * Dh), np.float32)
     # position 3 sees slots 0 and 2 (slot 1 holds a later position, slot 3 is empty)
-    kernels.attention(qkv, positions, k, v, slot_pos, 4, 0, H, Hk, Dh, scores, out)
+    kernels.attention(qkv, positions, k, v, no_scales(4), no_scales(4), slot_pos, 4, 0, H, Hk, Dh, scores, out)
     ref = attention_reference(qkv[:, :H * Dh].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                               slot_pos, positions, 4, 0, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -535,7 +584,7 @@ def test_attention_masks_make_a_difference():
                                      v.astype(np.float64), np.array([0, 1, 2, 3]), np.array([9]), 4, 0, H, Hk, Dh)
     assert not np.allclose(out, everything, atol=1e-2)
     # a window of 1 leaves only the query's own slot: the output is exactly its v
-    kernels.attention(qkv, positions, k, v, slot_pos, 4, 1, H, Hk, Dh, scores, out)
+    kernels.attention(qkv, positions, k, v, no_scales(4), no_scales(4), slot_pos, 4, 1, H, Hk, Dh, scores, out)
     assert np.allclose(out.reshape(H, Dh), v[2][None, :], rtol=1e-6, atol=1e-6)
 
 
@@ -571,7 +620,8 @@ def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
     qkv = (rng.standard_normal((5, (H + 2 * Hk) * Dh)) * 2).astype(np.float32)
     scores = np.full((5 * H, C), np.nan, np.float32)
     out = np.full((5, H * Dh), np.nan, np.float32)
-    kernels.attention(qkv, positions, k, v, slot_pos, 10, window, H, Hk, Dh, scores, out)
+    kernels.attention(qkv, positions, k, v, no_scales(C), no_scales(C), slot_pos, 10, window, H, Hk, Dh, scores,
+                      out)
     ref = attention_reference(qkv[:, :H * Dh].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                               slot_pos, positions, 10, window, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
