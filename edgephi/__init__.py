@@ -12,7 +12,9 @@ def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, 
     backend's KV cache fits in 512 MiB). backend: "numba" (edgephi's kernels) or "onnxruntime";
     by default an ONNX folder runs on onnxruntime, an edgephi folder on numba. isa: the numba
     kernels' instruction set (see edgephi/isa.py; default $EDGEPHI_ISA, else the fastest the CPU
-    runs). threads: this model's steps run on that many threads, whatever other models use.
+    runs). threads: this model's steps run on that many threads, whatever other models use
+    (default: the cores nothing else keeps busy). kv_dtype: "float16", "float32" or "int8" (a
+    scale per 32 values; the numba backend only: onnxruntime keeps its graph's float32 cache).
     on_compile: where the kernels are not in the cache yet (a first run, a new edgephi or CPU),
     called as on_compile(functions compiled, seconds) every second while they compile."""
     from .api import LanguageModel

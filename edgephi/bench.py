@@ -105,8 +105,7 @@ def run(path, *, threads=None, prompt_tokens=512, gen_tokens=128, repetitions=5,
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     started = time.perf_counter()
-    kv = {} if kv_dtype == "float16" else {"kv_dtype": kv_dtype}  # onnxruntime keeps its own float32 cache
-    model = load(path, threads=threads, context=max(prompt_tokens, gen_tokens) + 8, backend=backend, **kv)
+    model = load(path, threads=threads, context=max(prompt_tokens, gen_tokens) + 8, backend=backend, kv_dtype=kv_dtype)
     load_s = time.perf_counter() - started
     runtime = model.backend
     kernels_s = runtime.kernels_s  # numba: inside load; onnxruntime: None, at the first step

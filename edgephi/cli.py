@@ -218,8 +218,7 @@ def open_model(model_path, threads, context, backend=None, kv_dtype="float16"):
     folder = model_folder(model_path)
     notice = CompileNotice()
     try:
-        return load(folder, threads=threads, context=context, backend=backend, on_compile=notice,
-                    **({} if kv_dtype == "float16" else {"kv_dtype": kv_dtype}))
+        return load(folder, threads=threads, context=context, backend=backend, kv_dtype=kv_dtype, on_compile=notice)
     finally:
         notice.close()
 

@@ -9,6 +9,9 @@ import time
 
 BUSY_FRACTION = 0.5  # a core busier than this over the sample is left alone
 SAMPLE_S = 0.1
+REUSE_S = 5.0  # models loaded within this long of a sample share it: each look costs SAMPLE_S
+
+_last: tuple[float, int] | None = None  # (when, idle cores) of the latest default look
 
 
 def usable_cores() -> list[int]:
@@ -52,9 +55,15 @@ def busy_between(before: dict[int, tuple[int, int]], after: dict[int, tuple[int,
 
 
 def idle_cores(sample_s: float = SAMPLE_S) -> int:
-    """The usable cores that are not busy with other work (at least one)."""
+    """The usable cores that are not busy with other work (at least one). The default look is
+    reused for REUSE_S seconds, so loading several models does not sample again each time."""
+    global _last
+    now = time.monotonic()
+    if sample_s == SAMPLE_S and _last is not None and now - _last[0] < REUSE_S:
+        return _last[1]
     cores = usable_cores()
     shares = busy_fractions(sample_s)
-    if shares is None:
-        return len(cores)
-    return max(1, sum(1 for cpu in cores if shares.get(cpu, 0.0) <= BUSY_FRACTION))
+    idle = len(cores) if shares is None else max(1, sum(1 for cpu in cores if shares.get(cpu, 0.0) <= BUSY_FRACTION))
+    if sample_s == SAMPLE_S:
+        _last = (time.monotonic(), idle)
+    return idle

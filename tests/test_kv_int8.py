@@ -58,7 +58,7 @@ def test_int8_kv_logits_stay_within_a_percent_of_float32(phi_shaped):
     assert err_int8 > err_f16  # the comparison sees the cache: int8 rounds far more than float16
 
 
-def test_int8_kv_halves_the_cache(phi_shaped):
+def test_int8_kv_bytes_are_values_and_block_scales(phi_shaped):
     f16 = edgephi.load(phi_shaped, context=256, kv_dtype="float16")
     int8 = edgephi.load(phi_shaped, context=256, kv_dtype="int8")
     cfg = f16.config
