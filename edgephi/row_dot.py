@@ -85,20 +85,15 @@ def _half_dots(builder, ops: OpSet, w, act: TokenActivations, b):
     return ops.half_dot(builder, w_lo, x_lo), ops.half_dot(builder, w_hi, x_hi)
 
 
-def _two_scale_term(builder, ops: OpSet, w, x, scales, x_d, act=None, b=None):
+def _two_scale_term(builder, ops: OpSet, w, act: TokenActivations, b, scales, x_d):
     """q6_k's block: each half's dot times its own scale, as <acc_lanes x float>."""
     lo_scale, hi_scale = (builder.fmul(s, x_d, flags=FAST) for s in scales)
-    if ops.byte_dot is not None:
+    if ops.byte_dot is not None or ops.half_dot is not None:
         lo, hi = (builder.sitofp(dot, vec(F32, ops.acc_lanes)) for dot in _half_dots(builder, ops, w, act, b))
         return builder.fadd(builder.fmul(lo, broadcast(builder, lo_scale, ops.acc_lanes), flags=FAST),
                             builder.fmul(hi, broadcast(builder, hi_scale, ops.acc_lanes), flags=FAST), flags=FAST)
-    if ops.half_dot is not None:
-        (w_lo, w_hi), (x_lo, x_hi) = halves(builder, w), halves(builder, x)
-        lo = builder.sitofp(ops.half_dot(builder, w_lo, x_lo), vec(F32, ops.acc_lanes))
-        hi = builder.sitofp(ops.half_dot(builder, w_hi, x_hi), vec(F32, ops.acc_lanes))
-        return builder.fadd(builder.fmul(lo, broadcast(builder, lo_scale, ops.acc_lanes), flags=FAST),
-                            builder.fmul(hi, broadcast(builder, hi_scale, ops.acc_lanes), flags=FAST), flags=FAST)
-    half = ops.acc_lanes // 2
+    half = ops.acc_lanes // 2  # block_dot's first half of lanes is the first half's
+    x = load_vector(builder, act.xq, builder.mul(b, const(32)), I16, 32, 2)
     pair = builder.insert_element(builder.insert_element(ir.Constant(vec(F32, 2), ir.Undefined), lo_scale,
                                                          ir.Constant(I32, 0)), hi_scale, ir.Constant(I32, 1))
     spread = builder.shuffle_vector(pair, pair, lanes([0] * half + [1] * half))
@@ -124,9 +119,7 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         for i, act in enumerate(tokens):
             x_d = builder.load(builder.gep(act.xd, [b]))
             if codec.two_scales:
-                x = None if ops.byte_dot is not None else load_vector(builder, act.xq, builder.mul(b, const(32)),
-                                                                      I16, 32, 2)
-                term = _two_scale_term(builder, ops, w, x, d_w, x_d, act, b)
+                term = _two_scale_term(builder, ops, w, act, b, d_w, x_d)
             else:
                 dot = _integer_dot(builder, ops, w, act, b)
                 scale = builder.fmul(d_w, x_d, flags=FAST)
@@ -210,16 +203,15 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
                 accs[i] = builder.fadd(accs[i], builder.fmul(dot, scale, flags=FAST), flags=FAST)
         return accs
 
-    group_width = GROUP_BLOCKS  # 16 spills registers on Arm (Cortex-A76: 16.9 instructions a q4_0 block, 15.4)
-
     def group(u, carried):
-        """group_width blocks of a one-scale format: their scales (and offset terms) converted as
-        vectors at once, each block's integer dot scaled by its lane of them."""
+        """GROUP_BLOCKS blocks of a one-scale format: their scales (and offset terms) converted as
+        vectors at once, each block's integer dot scaled by its lane of them. (Groups of 16 spill
+        registers on Arm: 16.9 instructions a q4_0 block on a Cortex-A76, against 15.2.)"""
         accs, offsets = list(carried[:n]), carried[n:]
-        b0 = builder.mul(u, const(group_width))
-        lanes_t = vec(F32, group_width)
-        d_w = codec.scale_lanes(builder, row, b0, group_width)
-        low = None if codec.offset == "none" else codec.offset_base_lanes(builder, d_w, row, b0, group_width)
+        b0 = builder.mul(u, const(GROUP_BLOCKS))
+        lanes_t = vec(F32, GROUP_BLOCKS)
+        d_w = codec.scale_lanes(builder, row, b0, GROUP_BLOCKS)
+        low = None if codec.offset == "none" else codec.offset_base_lanes(builder, d_w, row, b0, GROUP_BLOCKS)
         scales, new_offsets = [], []
         for i, act in enumerate(tokens):
             x_d, x_s = (builder.load(builder.bitcast(builder.gep(p, [b0]), lanes_t.as_pointer()), align=4)
@@ -228,12 +220,12 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
             new_offsets.append(offsets[i] if low is None else
                                builder.fadd(offsets[i], builder.fmul(low, x_s, flags=FAST), flags=FAST))
         group_at = builder.add(row.row["qs"], builder.mul(b0, const(codec.qs_bytes)))
-        for line in range(0, group_width * codec.qs_bytes, 64):
+        for line in range(0, GROUP_BLOCKS * codec.qs_bytes, 64):
             prefetch(builder, row.base["qs"], group_at, PREFETCH_BYTES + line)
         for plane, per_block in codec.side_planes():
             prefetch(builder, row.base[plane], builder.add(row.row[plane], builder.mul(b0, const(per_block))),
                      PREFETCH_BYTES * per_block // codec.qs_bytes)
-        for k in range(group_width):
+        for k in range(GROUP_BLOCKS):
             b = builder.add(b0, const(k))
             w = _block_weights(builder, ops, codec, row, b)
             for i, act in enumerate(tokens):
@@ -243,20 +235,21 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         return accs + new_offsets
 
     zero_acc = splat(F32, ops.acc_lanes, 0.0)
-    if ops.grouped and not codec.two_scales:
-        count = builder.ashr(row.n_blocks, const(group_width.bit_length() - 1))
-        carried = counted_loop(builder, count, [zero_acc] * n + [splat(F32, group_width, 0.0)] * n, group,
+    loop = loop_kind(ops, codec)
+    if loop == "groups":
+        count = builder.ashr(row.n_blocks, const(GROUP_BLOCKS.bit_length() - 1))
+        carried = counted_loop(builder, count, [zero_acc] * n + [splat(F32, GROUP_BLOCKS, 0.0)] * n, group,
                                f"{codec.name}.group")
         factor = ir.Constant(F32, codec.offset_factor)
         offsets = [builder.fmul(reduce_sum(builder, c), factor, flags=FAST) for c in carried[n:]]
         carried = counted_loop(builder, row.n_blocks, carried[:n] + offsets, block, f"{codec.name}.rowdot",
-                               start=builder.shl(count, const(group_width.bit_length() - 1)))
-    elif codec.two_scales and (ops.half_dot is None or ops.grouped):
+                               start=builder.shl(count, const(GROUP_BLOCKS.bit_length() - 1)))
+    elif loop == "two_scale_groups":
         count = builder.ashr(row.n_blocks, const(3))
         accs = counted_loop(builder, count, [zero_acc] * n, two_scale_group, f"{codec.name}.group")
         carried = counted_loop(builder, row.n_blocks, accs + [ir.Constant(F32, 0.0)] * n, block,
                                f"{codec.name}.rowdot", start=builder.shl(count, const(3)))
-    elif ops.pair_dot is not None and codec.pair_dots:
+    elif loop == "pairs":
         # groups of eight blocks (their scales converted in one go), then pairs, then an odd
         # count's last block on 16-bit words (K-quant rows are whole groups: super-blocks)
         accs, offsets = [zero_acc] * n, [ir.Constant(F32, 0.0)] * n
@@ -278,15 +271,22 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
     return [builder.fadd(reduce_sum(builder, accs[i]), offsets[i], flags=FAST) for i in range(n)]
 
 
+def loop_kind(ops: OpSet, codec: BlockCodec) -> str:
+    """Which loop emit_row_dot runs a row in before its tail of single blocks: "groups" (Arm: eight
+    blocks' scales at once), "two_scale_groups" (q6_k's super-blocks where the ISA has no
+    word half dot, or on Arm), "pairs" (VNNI pair dots) or "blocks" (one at a time)."""
+    if ops.grouped and not codec.two_scales:
+        return "groups"
+    if codec.two_scales and (ops.half_dot is None or ops.grouped):
+        return "two_scale_groups"
+    if ops.pair_dot is not None and codec.pair_dots:
+        return "pairs"
+    return "blocks"
+
+
 def blocks_per_iteration(ops: OpSet, codec: BlockCodec) -> int:
     """Blocks of 32 the main loop of emit_row_dot takes per iteration (for counting instructions)."""
-    if ops.grouped and not codec.two_scales:
-        return GROUP_BLOCKS
-    if codec.two_scales and (ops.half_dot is None or ops.grouped):
-        return GROUP_BLOCKS
-    if ops.pair_dot is not None and codec.pair_dots:
-        return GROUP_BLOCKS
-    return 1
+    return 1 if loop_kind(ops, codec) == "blocks" else GROUP_BLOCKS
 
 
 FORMAT_CASES = [(FORMATS[name].ggml_type, codec) for name, codec in CODECS.items()]
