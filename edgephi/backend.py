@@ -60,8 +60,9 @@ class Backend(Protocol):
     def new_cache(self, capacity: int, sinks: int) -> Cache:
         """An empty cache of `capacity` tokens whose first `sinks` positions stay when it runs full."""
 
-    def feed(self, cache: Cache, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
-        """Append tokens (int64 (T,), checked) to `cache`; float32 logits (T, V), or (1, V) of the last."""
+    def feed(self, cache: Cache, tokens: np.ndarray, all_logits: bool, verify: bool = False) -> np.ndarray:
+        """Append tokens (int64 (T,), checked) to `cache`; float32 logits (T, V), or (1, V) of the last.
+        verify: the logits are to equal decode steps' (Sequence.feed)."""
 
     def step(self, cache: Cache, token: int) -> np.ndarray:
         """Append one checked token; float32 logits (1, V). The decode loop's hot path: the numba

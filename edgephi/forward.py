@@ -48,7 +48,7 @@ def scratch_bytes_per_token(cfg) -> int:
 
 
 @njit(cache=True)
-def forward(tokens, positions, slots, model, cache, scratch, logits):
+def forward(tokens, positions, slots, model, cache, scratch, logits, prompt):
     """Run T new tokens (at absolute `positions`, cached into ring `slots`) through `model` (a
     records.Transformer), writing logits (T, V) of every token, or (1, V) of the last one. Returns
     how many activations entering a linear, and logits, were NaN or Inf: weights that overflow
@@ -65,24 +65,24 @@ def forward(tokens, positions, slots, model, cache, scratch, logits):
         layer = model.layers[i]
         k_cache, v_cache, k_scale, v_scale = cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i]
         rmsnorm(x, layer.attn_norm, model.eps, xn)
-        nonfinite += linear(isa, layer.qkv, xn, qkv, act)
+        nonfinite += linear(isa, layer.qkv, xn, qkv, act, prompt)
         rope(qkv, positions, inv_freq, model.rope.attention_factor, H, Hk, Dh, R)
         store_kv(qkv, slots, k_cache, v_cache, k_scale, v_scale, H, Hk, Dh)
         for t0 in range(0, T, ATTENTION_TOKENS):  # bounds the scores scratch, not the matmul chunk
             t1 = min(T, t0 + ATTENTION_TOKENS)
             attention(qkv[t0:t1], positions[t0:t1], k_cache, v_cache, k_scale, v_scale, cache.slot_pos, cache.n_slots,
                       model.window, H, Hk, Dh, scratch.scores, attn[t0:t1])
-        nonfinite += linear(isa, layer.o, attn, tmp, act)
+        nonfinite += linear(isa, layer.o, attn, tmp, act, prompt)
         add_into(x, tmp)
         rmsnorm(x, layer.ffn_norm, model.eps, xn)
-        nonfinite += linear(isa, layer.gate_up, xn, gate_up, act)
+        nonfinite += linear(isa, layer.gate_up, xn, gate_up, act, prompt)
         silu_mul(gate_up, ffn)
-        nonfinite += linear(isa, layer.down, ffn, tmp, act)
+        nonfinite += linear(isa, layer.down, ffn, tmp, act, prompt)
         add_into(x, tmp)
     if logits.shape[0] == T:
         rmsnorm(x, model.norm, model.eps, xn)
-        nonfinite += linear(isa, model.output, xn, logits, act)
+        nonfinite += linear(isa, model.output, xn, logits, act, prompt)
     else:
         rmsnorm(x[T - 1:], model.norm, model.eps, xn[:1])
-        nonfinite += linear(isa, model.output, xn[:1], logits, act)
+        nonfinite += linear(isa, model.output, xn[:1], logits, act, False)  # as a cold prefill's last token
     return nonfinite + count_nonfinite(logits)

@@ -123,7 +123,7 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
                 sequence.truncate(sequence.next_pos - (len(drafts) - i))
             drafts, i = _drafts(sequence, history, params.lookup), 0
             if drafts:
-                rows = sequence.feed([token] + drafts, all_logits=True)[:, :n_vocab]
+                rows = sequence.feed([token] + drafts, all_logits=True, verify=True)[:, :n_vocab]
                 stats.drafts_proposed += len(drafts)
             else:
                 rows = sequence.step(token)[:, :n_vocab]

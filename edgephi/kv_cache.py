@@ -64,6 +64,9 @@ class KVCache:
         self.keep = self.sinks  # positions [0, keep) are never overwritten
         self.lost_below = 0  # positions in [keep, lost_below) were overwritten by the ring
         self.long_rope = False  # which LongRoPE factors the cached keys were rotated with
+        # positions [0, exact_end) came from prompt steps in one unbroken run from 0: their K and V
+        # equal a cold prefill's of the same tokens bit for bit, so other sequences may copy them
+        self.exact_end = 0
 
     def keep_prefix(self, n: int) -> None:
         """Pin the first n positions (a chat's system prompt) so the ring never overwrites them."""
@@ -106,6 +109,32 @@ class KVCache:
         self._note_overwritten()
         return positions, slots
 
+    def adopt_prefix(self, tokens: np.ndarray, k, v, k_scale, v_scale, long_rope: bool) -> None:
+        """Into an empty cache, the first n = len(tokens) positions as another cache computed them
+        (k, v, k_scale, v_scale: (L, n, ...) as this cache's arrays): an exact prefix, if it was one there."""
+        n = len(tokens)
+        if self.next_pos != 0 or n > self.capacity:
+            raise ValueError("a prefix goes into an empty cache large enough for it")
+        for target, source in zip((self.k, self.v, self.k_scale, self.v_scale), (k, v, k_scale, v_scale)):
+            target[:, :n] = source
+        self.slot_pos[:n] = np.arange(n)
+        self.slot_token[:n] = tokens
+        self.next_pos = self.exact_end = n
+        self.long_rope = long_rope
+
+    def note_step(self, first: int, prompt: bool) -> None:
+        """A step wrote positions [first, next_pos): a prompt step extends the exact run it
+        continues; any other step (decode, verify) computes positions no cold prefill would."""
+        if prompt and first == self.exact_end:
+            self.exact_end = self.next_pos
+        else:
+            self.exact_end = min(self.exact_end, first)
+
+    @property
+    def exact_prefix(self) -> int:
+        """How many first positions are still held and equal a cold prefill's (see exact_end)."""
+        return self.exact_end if self.lost_below == 0 else min(self.exact_end, self.keep)
+
     def _note_overwritten(self) -> None:
         oldest_held = self.next_pos - (self.capacity - self.keep)  # the ring holds its last positions
         if oldest_held > self.lost_below:
@@ -122,6 +151,7 @@ class KVCache:
             return False
         self.slot_pos[self.slot_pos >= n] = -1
         self.next_pos = n
+        self.exact_end = min(self.exact_end, n)
         if n <= self.keep:
             self.lost_below = 0
         return True

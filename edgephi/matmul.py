@@ -111,18 +111,20 @@ def _matmul_row_tiles(isa, w, act, out):
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True)
-def _matmul_quantized(isa, w, act, out):
-    """out[t, n] = W[n] . x_hat[t]: decode is nothing but the row dots; steps of fewer than
-    PANEL_MIN_TOKENS tokens (prompt-lookup's verify steps, short turns) take the row tiles, so their
-    logits equal decode's; longer ones go through panels."""
+def _matmul_quantized(isa, w, act, out, prompt):
+    """out[t, n] = W[n] . x_hat[t]. A prompt step goes through the panels whatever its length, so
+    each token's sums do not depend on how the prompt was split into steps (a prefix taken from
+    another sequence's cache then equals a cold prefill bit for bit). Otherwise decode is nothing but
+    the row dots, and steps of fewer than PANEL_MIN_TOKENS tokens (prompt-lookup's verify steps)
+    take the row tiles, so their logits equal decode's; longer ones go through the panels."""
     T, N = out.shape
-    if T == 1:
+    if prompt or T >= PANEL_MIN_TOKENS:
+        _matmul_panels(isa, w, act, out)
+    elif T == 1:
         for n in prange(N):
             out[0, n] = row_dot(isa, w, act, n, 0)
-    elif T < PANEL_MIN_TOKENS:
-        _matmul_row_tiles(isa, w, act, out)
     else:
-        _matmul_panels(isa, w, act, out)
+        _matmul_row_tiles(isa, w, act, out)
 
 
 @njit(cache=True, inline="always")
@@ -212,11 +214,13 @@ def count_nonfinite(x):
 
 
 @njit(cache=CACHE_PARALLEL)
-def linear(isa, w, x, out, act):
+def linear(isa, w, x, out, act, prompt):
     """out[t, n] = sum_k W[n, k] * x[t, k]   x (T, K) float32, out (T, N) float32; returns how many
     values of x are NaN or Inf. The kernels are fastmath, which assumes there are none and may
     turn them into zeros: a model whose activations overflow would answer garbage, not fail.
-    act: records.activations(>= T, >= K), where quantized weights read x as int16 per block."""
+    act: records.activations(>= T, >= K), where quantized weights read x as int16 per block.
+    prompt: a prompt step's sums, the same for a token whatever the step's length (see
+    _matmul_quantized); else a decode or verify step's, equal to the row dots of decode."""
     T = x.shape[0]
     nonfinite = count_nonfinite(x)
     if w.format != F32 and w.format != F16:
@@ -224,8 +228,8 @@ def linear(isa, w, x, out, act):
             quantize_activations(isa, x[0], act.xq[0], act.xb[0], act.xd[0], act.xs[0])
         else:
             _quantize_rows(isa, x, act)
-        _matmul_quantized(isa, w, act, out)
-    elif T > 1:
+        _matmul_quantized(isa, w, act, out, prompt)
+    elif T > 1 or prompt:
         _matmul_float(w, x, out)
     else:
         _matvec_float(w, x[0], out[0])

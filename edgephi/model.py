@@ -107,9 +107,11 @@ class NumbaBackend:
     def new_cache(self, capacity: int, sinks: int = DEFAULT_SINKS) -> SequenceCache:
         return SequenceCache(self.config, capacity, sinks, self.kv_dtype)
 
-    def feed(self, cache: SequenceCache, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
-        """Append checked tokens (int64 (T,)) in chunks; logits (T, V), or cache.logits (1, V) of the last."""
-        if len(tokens) == 1 and not all_logits:  # feed([token]) decodes as step() does, on the direct call
+    def feed(self, cache: SequenceCache, tokens: np.ndarray, all_logits: bool, verify: bool = False) -> np.ndarray:
+        """Append checked tokens (int64 (T,)) in chunks; logits (T, V), or cache.logits (1, V) of the last.
+        verify: computed as decode steps are (prompt lookup's verify steps); else as a prompt, the
+        same values however the prompt is split into calls."""
+        if len(tokens) == 1 and not all_logits and verify:  # decodes as step() does, on the direct call
             return self.step(cache, int(tokens[0]))
         self._switch_rope_if_needed(cache, cache.next_pos + len(tokens) - 1)
         step = min(self.prefill_chunk, cache.max_chunk)
@@ -117,7 +119,7 @@ class NumbaBackend:
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
             out = np.empty((len(chunk), cache.logits.shape[1]), np.float32) if all_logits else cache.logits
-            self._run(cache, chunk, out, all_logits)
+            self._run(cache, chunk, out, not verify)
             parts.append(out)
         return np.concatenate(parts) if all_logits else cache.logits
 
@@ -142,13 +144,14 @@ class NumbaBackend:
         cache.long_rope = True
         end = cache.next_pos
         cache.slot_pos[:] = -1
+        cache.exact_end = 0  # the replay's prompt steps set it again
         step = min(self.prefill_chunk, cache.max_chunk)
         # replay runs of consecutive positions (the kept prefix, then the ring) into the same slots
         breaks = np.nonzero(np.diff(positions) != 1)[0] + 1
         for run_tokens, run_positions in zip(np.split(tokens, breaks), np.split(positions, breaks)):
             for start in range(0, len(run_tokens), step):
                 cache.next_pos = int(run_positions[start])
-                self._run(cache, run_tokens[start:start + step], cache.logits, False)
+                self._run(cache, run_tokens[start:start + step], cache.logits, True)
         cache.next_pos = end
 
     # -- one forward step ------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class NumbaBackend:
         cache = KVCache(self.config, 2, sinks=0, dtype=self.kv_dtype)
         one = np.zeros(1, np.int64)
         logits = np.zeros((1, self.config.vocab_size), np.float32)
-        args = (one, one, one, self.transformer, kv_arrays(cache), self._scratch_for(1, 2), logits)
+        args = (one, one, one, self.transformer, kv_arrays(cache), self._scratch_for(1, 2), logits, False)
         # A decode step's arguments are the cache's own buffers, of exactly these types: calling the
         # compiled code directly skips numba's type resolution of the records (0.5-1 ms a token).
         signature = tuple(numba.typeof(a) for a in args)
@@ -180,9 +183,10 @@ class NumbaBackend:
             scratch = self._scratch[tokens] = new_scratch(self.config, tokens, max(capacity, self.context))
         return scratch
 
-    def _run(self, cache: KVCache, tokens: np.ndarray, logits: np.ndarray, all_logits: bool) -> None:
+    def _run(self, cache: KVCache, tokens: np.ndarray, logits: np.ndarray, prompt: bool) -> None:
         """One forward step of len(tokens) <= prefill_chunk new tokens into `cache`, writing the
-        logits of every token (all_logits: logits is (T, V)) or of the last one (logits (1, V))."""
+        logits of every token (logits (T, V)) or of the last one (logits (1, V)). prompt: a prompt
+        step (forward's `prompt`), else a decode or verify step."""
         with KERNEL_LOCK:  # which also guards the shared scratch
             app_threads = numba.get_num_threads()  # numba keeps the count per calling thread
             if app_threads != self.threads:
@@ -191,7 +195,9 @@ class NumbaBackend:
                 positions, slots = cache.append(tokens)
                 scratch = self._scratch_for(1 if len(tokens) == 1 else self.prefill_chunk, cache.capacity)
                 run_forward = self._decode_step if tokens is cache.token else forward
-                nonfinite = run_forward(tokens, positions, slots, self.transformer, kv_arrays(cache), scratch, logits)
+                nonfinite = run_forward(tokens, positions, slots, self.transformer, kv_arrays(cache), scratch, logits,
+                                        prompt)
+                cache.note_step(int(positions[0]), prompt)
             finally:
                 if app_threads != self.threads:  # the calling app's own numba code keeps its count
                     numba.set_num_threads(app_threads)

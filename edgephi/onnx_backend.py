@@ -132,7 +132,8 @@ class OnnxBackend:
         """sinks is ignored: the cache never wraps."""
         return OnnxCache(self.decoder, capacity)
 
-    def feed(self, cache: OnnxCache, tokens: np.ndarray, all_logits: bool) -> np.ndarray:
+    def feed(self, cache: OnnxCache, tokens: np.ndarray, all_logits: bool, verify: bool = False) -> np.ndarray:
+        """verify makes no difference: onnxruntime computes every step alike."""
         if cache.next_pos + len(tokens) > cache.capacity:
             raise EdgephiError(f"context full ({cache.capacity} tokens): the onnxruntime backend does not "
                                f"wrap its cache; start a new conversation or raise --context")

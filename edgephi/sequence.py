@@ -37,13 +37,16 @@ class Sequence:
     def keep_prefix(self, n: int) -> None:
         self.cache.keep_prefix(n)
 
-    def feed(self, tokens, *, all_logits: bool = False) -> np.ndarray:
+    def feed(self, tokens, *, all_logits: bool = False, verify: bool = False) -> np.ndarray:
         """Append tokens; returns logits (len(tokens), V), or (1, V) of the last one. The (1, V)
-        result may be a buffer the next step reuses (no allocation per token): copy it to keep it."""
+        result may be a buffer the next step reuses (no allocation per token): copy it to keep it.
+        The tokens are a prompt: each one's values are the same however a prompt is split into
+        feeds. verify: they are computed as decode steps are instead (prompt lookup's drafts,
+        whose logits must equal plain decoding's)."""
         tokens = check_tokens(tokens, self._vocab_size)
         self._claim()
         try:
-            return self.backend.feed(self.cache, tokens, all_logits)
+            return self.backend.feed(self.cache, tokens, all_logits, verify)
         finally:
             self._busy.release()
 

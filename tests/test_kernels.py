@@ -134,7 +134,7 @@ def test_linear_matches_dequantize_then_matmul(name, T, N, K):
     # a nonzero mean makes the per-block sums of x (q4's folded -8 offset and q4_1 minimum) matter
     x = (rng.standard_normal((T, K)) + 0.5).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)  # the kernel must write every element
-    matmul.linear(HOST, w, x, out, activations(8, K))
+    matmul.linear(HOST, w, x, out, activations(8, K), False)
 
     W = dequantize(planes, FORMATS[name])
     ref = x.astype(np.float64) @ W.astype(np.float64).T
@@ -183,6 +183,24 @@ def make_planes(rng, name, N, K):
     return planes_from_gguf_blocks(random_gguf_blocks(name, N, K, seed=int(rng.integers(1 << 30))), FORMATS[name], N)
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"])
+def test_prompt_steps_are_exact_and_the_same_at_any_length(name):
+    """A prompt step's sums, at every length (panels even for one token), stay within the
+    exactness bound, and a token's are the same bits whether it comes alone or among 30: so a
+    prompt split into steps anywhere gives the logits of one cold prefill."""
+    N, K = 70, 512
+    whole = check_exact_on_int16_activations(HOST, name, N, K, 30, prompt=True)
+    rng = np.random.default_rng(zlib.crc32(f"exact-{name}-{N}-{K}-30".encode()))
+    w = weight_record(make_planes(rng, name, N, K), name)
+    x = (rng.standard_normal((30, K)) * 3 + 1).astype(np.float32)
+    for start, stop in ((0, 1), (1, 4), (4, 11), (11, 18), (29, 30)):
+        part = np.full((stop - start, N), np.nan, np.float32)
+        matmul.linear(HOST, w, x[start:stop], part, activations(stop - start, K), True)
+        assert np.array_equal(part.view(np.uint32), whole[start:stop].view(np.uint32)), (start, stop)
+    for T in (1, 3):
+        check_exact_on_int16_activations(HOST, name, N, K, T, prompt=True)
+
+
 @pytest.mark.parametrize("name", GGUF_ONLY_NAMES)
 @pytest.mark.parametrize("N,K", [(37, 512), (5, 8192)])
 @pytest.mark.parametrize("T", [1, 11, 30])
@@ -204,12 +222,14 @@ def test_embed_rows_gguf_formats_are_ggufs_dequantize(name):
     assert np.array_equal(out.view(np.uint32), theirs[tokens].view(np.uint32))
 
 
-def check_exact_on_int16_activations(isa, name, N, K, T):
+def check_exact_on_int16_activations(isa, name, N, K, T, prompt=False):
+    """linear's decode / verify sums (prompt=False) or a prompt step's against the float64 twin;
+    returns the output."""
     rng = np.random.default_rng(zlib.crc32(f"exact-{name}-{N}-{K}-{T}".encode()))
     planes = make_planes(rng, name, N, K)
     x = (rng.standard_normal((T, K)) * 3 + 1).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)
-    matmul.linear(isa, weight_record(planes, name), x, out, activations(T, K))
+    matmul.linear(isa, weight_record(planes, name), x, out, activations(T, K), prompt)
 
     W = dequantize(planes, FORMATS[name]).astype(np.float64)
     for t in range(T):
@@ -219,6 +239,7 @@ def check_exact_on_int16_activations(isa, name, N, K, T):
         # float32 accumulation over K/32 block sums: a few ulps of the sum of |terms| per sqrt(block)
         float_sums = 4 * 2.0 ** -24 * np.sqrt(K / 32) * (np.abs(W) @ np.abs(x_hat))
         assert np.all(np.abs(out[t] - ref) <= float_sums), t
+    return out
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
@@ -233,7 +254,7 @@ def test_linear_twin_is_ggufs_dequantize(name):
     # and the decode (T = 1) kernel against gguf's matrix directly
     x = (rng.standard_normal((1, 96)) + 0.5).astype(np.float32)
     out = np.full((1, 37), np.nan, np.float32)
-    matmul.linear(HOST, weight_record(quantize(w, FORMATS[name]), name), x, out, activations(8, 96))
+    matmul.linear(HOST, weight_record(quantize(w, FORMATS[name]), name), x, out, activations(8, 96), False)
     ref = x.astype(np.float64) @ theirs.astype(np.float64).reshape(37, 96).T
     allowed = FLOAT_SUM_BUDGET * np.linalg.norm(ref) + int16_reading_bound(theirs.reshape(37, 96), x)
     assert np.all(np.abs(out - ref) <= allowed)
@@ -247,10 +268,10 @@ def test_linear_decode_and_prefill_agree_on_a_row():
     W = dequantize(planes, FORMATS["q4_0"])
     x = rng.standard_normal((5, 64)).astype(np.float32)
     full = np.zeros((5, 37), np.float32)
-    matmul.linear(HOST, w, x, full, activations(8, 64))
+    matmul.linear(HOST, w, x, full, activations(8, 64), False)
     for t in range(5):
         one = np.zeros((1, 37), np.float32)
-        matmul.linear(HOST, w, np.ascontiguousarray(x[t:t + 1]), one, activations(8, 64))
+        matmul.linear(HOST, w, np.ascontiguousarray(x[t:t + 1]), one, activations(8, 64), False)
         allowed = 2 * FLOAT_SUM_BUDGET * np.abs(full[t]).max() + int16_reading_bound(W, x[t:t + 1])[0]
         assert np.all(np.abs(one[0] - full[t]) <= allowed)
 

@@ -114,7 +114,7 @@ def test_greedy_with_drafts_is_greedy_without(model):
 
 def test_sampling_with_drafts_leaves_a_consistent_cache(model):
     """Sampled output differs from a run without drafts (the random draws differ), but the cache
-    holds the prompt and the reply, as a fresh feed of them computes it."""
+    holds the prompt and the reply, as a fresh prefill of the prompt and decode of the reply compute it."""
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, 500, 24)]
     ids, stats, next_logits, pos = run(model, prompt, max_new_tokens=200, lookup=4, temperature=0.3, seed=2,
                                        ignore_eos=True)
@@ -123,7 +123,7 @@ def test_sampling_with_drafts_leaves_a_consistent_cache(model):
     fresh = model.sequence()
     fresh.feed(prompt)
     for token in ids[:-1]:
-        fresh.feed([token])
+        fresh.step(token)
     np.testing.assert_array_equal(fresh.feed([5]), next_logits)
 
 
