@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 BACKENDS = ("numba", "onnxruntime")
 
 
-def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, isa=None, on_compile=None):
+def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, isa=None, on_compile=None,
+         prefix_cache=None):
     """Load an edgephi model folder, or an ONNX folder written by `edgephi export-onnx`.
     context: KV capacity in tokens (default: the model's context length, capped so the numba
     backend's KV cache fits in 512 MiB). backend: "numba" (edgephi's kernels) or "onnxruntime";
@@ -16,7 +17,10 @@ def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, 
     (default: the cores nothing else keeps busy). kv_dtype: "float16", "float32" or "int8" (a
     scale per 32 values; the numba backend only: onnxruntime keeps its graph's float32 cache).
     on_compile: where the kernels are not in the cache yet (a first run, a new edgephi or CPU),
-    called as on_compile(functions compiled, seconds) every second while they compile."""
+    called as on_compile(functions compiled, seconds) every second while they compile.
+    prefix_cache: bytes of prompts' KV kept so that a sequence whose prompt starts as an earlier
+    one did copies it instead of computing it (default: as much as one full KV cache, filled only
+    as prompts come; 0: none). The numba backend only."""
     from .api import LanguageModel
     from .onnx_backend import is_onnx_folder
 
@@ -34,4 +38,4 @@ def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, 
     from .model import NumbaBackend
 
     return LanguageModel(NumbaBackend(files, threads=threads, context=context, kv_dtype=kv_dtype, isa=isa,
-                                      on_compile=on_compile))
+                                      on_compile=on_compile), prefix_cache=prefix_cache)

@@ -8,6 +8,7 @@ model serves many threads and conversations at once without mixing them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 
 import numpy as np
 
@@ -15,20 +16,30 @@ from .backend import Backend, check_context, check_tokens
 from .chat import ChatSession
 from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_tokens, check_stop, text_stream,
                        token_stream)
-from .kv_cache import DEFAULT_SINKS
+from .errors import EdgephiError
+from .kv_cache import DEFAULT_SINKS, KV_BLOCK
 from .messages import check_messages
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .sequence import Sequence
+from .session_file import SavedSession, model_identity, read_session, save_session
 
 
 class LanguageModel:
     """What edgephi.load returns, on either backend."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, prefix_cache: int | None = None):
+        """prefix_cache: bytes of prompt KV kept for other sequences to reuse (PrefixCache); default
+        one full KV cache's (kv_bytes()), 0 for none. The numba backend only."""
         self.backend = backend
         self.folder, self.config, self.tokenizer = backend.folder, backend.config, backend.tokenizer
         self.generation_config, self.generation_file = backend.generation_config, backend.generation_file
         self.context, self.kv_dtype = backend.context, backend.kv_dtype
+        self.prefix_cache: PrefixCache | None = None
+        if backend.name == "numba":
+            budget = self.kv_bytes() if prefix_cache is None else prefix_cache
+            rope = self.config.rope_scaling
+            self.prefix_cache = PrefixCache(budget, self.config.original_max_position_embeddings if rope else None)
 
     def sequence(self, context: int | None = None, *, sinks: int = DEFAULT_SINKS) -> Sequence:
         """A new token sequence with a KV cache of its own (`context` tokens, default the model's).
@@ -95,9 +106,31 @@ class LanguageModel:
     def generate(self, prompt, **options) -> str:
         return "".join(self.stream(prompt, **options))
 
-    def chat_session(self, *, system: str | None = None, **options) -> ChatSession:
-        """A conversation with a KV cache of its own, kept between turns (see ChatSession)."""
-        return ChatSession(self, system=system, **options)
+    def chat_session(self, *, system: str | None = None, resume=None, **options) -> ChatSession:
+        """A conversation with a KV cache of its own, kept between turns (see ChatSession).
+        resume: a file ChatSession.save wrote with this model, to go on from."""
+        return ChatSession(self, system=system, resume=resume, **options)
+
+    @cached_property
+    def identity(self) -> str:
+        """sha256 of the model's config and weights: what a saved session is checked against."""
+        return model_identity(self.folder)
+
+    def _numba_cache_only(self, what: str) -> None:
+        if self.backend.name != "numba":
+            raise EdgephiError(f"{what} needs the numba backend (this model runs on {self.backend.name})")
+
+    def write_session(self, path, cache, *, messages: list[dict], system: str | None, fed: list[int]) -> None:
+        self._numba_cache_only("saving a chat session")
+        save_session(path, identity=self.identity, kv_dtype=self.kv_dtype, cache=cache, messages=messages,
+                     system=system, fed=fed)
+
+    def read_session(self, path) -> SavedSession:
+        self._numba_cache_only("resuming a chat session")
+        cfg = self.config
+        blocks = cfg.num_kv_heads * -(-cfg.head_dim // KV_BLOCK) if self.kv_dtype == "int8" else 0
+        return read_session(path, identity=self.identity, kv_dtype=self.kv_dtype, layers=cfg.num_layers,
+                            kv_width=cfg.num_kv_heads * cfg.head_dim, kv_blocks=blocks, vocab_size=cfg.vocab_size)
 
     def chat(self, messages, **options) -> str:
         """The assistant's reply to a list of messages, in a fresh context."""

@@ -19,10 +19,13 @@ class ChatSession:
     conversation with the chat template and feeds only the tokens the cache does not hold yet.
 
     Memory: the KV ring fills as the conversation grows, up to model.kv_bytes() (pages are mapped
-    only when written), plus one row of logits; close() (or the end of a `with` block) frees them."""
+    only when written), plus one row of logits; close() (or the end of a `with` block) frees them.
+
+    save(path) writes the conversation and its KV cache to a file; resume=path starts from one, as
+    if the conversation had never stopped (the numba backend only)."""
 
     def __init__(self, model, *, system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None,
-                 ignore_eos: bool = False, context: int | None = None, **sampling):
+                 ignore_eos: bool = False, context: int | None = None, resume=None, **sampling):
         from .chat_template import (
             ChatTemplate,  # jinja2 is imported only by apps that chat
         )
@@ -36,8 +39,33 @@ class ChatSession:
         self.ignore_eos = ignore_eos
         self.last_stats: GenerationStats | None = None
         self._answering = threading.Lock()  # one turn at a time
-        self.sequence = model.sequence(context)
-        self._reset(system)
+        if resume is None:
+            self.sequence = model.sequence(context)
+            self._reset(system)
+        else:
+            self._resume(resume, system, context)
+
+    def _resume(self, path, system: str | None, context: int | None) -> None:
+        saved = self.model.read_session(path)
+        if system is not None:
+            raise ValueError("a resumed session keeps the system prompt it was saved with")
+        capacity = saved.ring["capacity"]
+        if context is not None and context != capacity:
+            raise ValueError(f"{path}: the session was saved with a context of {capacity} tokens, not {context}")
+        self.sequence = self.model.sequence(capacity, sinks=saved.ring["sinks"])
+        saved.restore_into(self.sequence.cache)
+        self.system, self.messages, self._fed = saved.system, saved.messages, saved.fed
+        if self.model.prefix_cache is not None:  # other sessions may start from its prompt too
+            self.model.prefix_cache.offer(self.sequence.cache)
+
+    def save(self, path) -> None:
+        """Write the conversation, its KV cache's used slots and the model's identity to `path`,
+        atomically (a failed save leaves an existing file as it was)."""
+        with self._between_turns():
+            if self.sequence is None:
+                raise EdgephiError("this chat session is closed")
+            self.model.write_session(path, self.sequence.cache, messages=self.messages, system=self.system,
+                                     fed=self._fed)
 
     def reset(self, system: str | None = None) -> None:
         """Forget the conversation (keeping the system prompt unless a new one is given)."""

@@ -250,24 +250,37 @@ def warmup(model_path, isa):
 
 
 def print_stats(stats) -> None:
-    click.echo(f"prompt {stats.prompt_tokens} tokens at {stats.prefill_tok_s:.1f} tok/s, reply "
+    cached = f" ({stats.cached_tokens} reused from an earlier prompt)" if stats.cached_tokens else ""
+    click.echo(f"prompt {stats.prompt_tokens} tokens{cached} at {stats.prefill_tok_s:.1f} tok/s, reply "
                f"{stats.generated_tokens} tokens at {stats.decode_tok_s:.1f} tok/s ({stats.finish_reason})", err=True)
 
 
 @main.command()
 @sampling_options
 @click.option("--system", default=None, help="System prompt, kept for the whole conversation")
+@click.option("--session", "session_file", default=None, type=click.Path(dir_okay=False),
+              help="Resume the conversation saved in this file, or start one there; it is saved after every reply")
 @user_errors
-def chat(model_path, system, max_tokens, threads, context, kv_dtype, backend, **options):
+def chat(model_path, system, session_file, max_tokens, threads, context, kv_dtype, backend, **options):
     """Chat with a model. Commands: /reset, /system TEXT, /stats, /exit. Ctrl-C stops a reply.
 
     When stdin is not a terminal, each line is one user turn and only the replies are printed."""
     model = open_model(model_path, threads, context, backend, kv_dtype)
-    session = model.chat_session(system=system, max_new_tokens=max_tokens, **sampling_kwargs(options))
+    resume = session_file if session_file and Path(session_file).exists() else None
+    session = model.chat_session(system=system, resume=resume, context=context if resume else None,
+                                 max_new_tokens=max_tokens, **sampling_kwargs(options))
+
+    def save():
+        if session_file:
+            session.save(session_file)
+
     interactive = sys.stdin.isatty()
     if interactive:
-        click.echo(f"edgephi chat: {model.folder.name} ({model.config.architecture}, context {model.context}). "
-                   "/reset /system TEXT /stats /exit", err=True)
+        click.echo(f"edgephi chat: {model.folder.name} ({model.config.architecture}, context "
+                   f"{session.sequence.capacity}). /reset /system TEXT /stats /exit", err=True)
+        if resume:
+            turns = sum(m["role"] == "user" for m in session.messages)
+            click.echo(f"resumed {turns} turns from {session_file}", err=True)
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
@@ -284,8 +297,10 @@ def chat(model_path, system, max_tokens, threads, context, kv_dtype, backend, **
                 break
             if command == "/reset":
                 session.reset()
+                save()
             elif command == "/system":
                 session.reset(system=arg.strip())  # "/system" alone removes the system prompt
+                save()
             elif command == "/stats":
                 if session.last_stats:
                     print_stats(session.last_stats)
@@ -299,6 +314,7 @@ def chat(model_path, system, max_tokens, threads, context, kv_dtype, backend, **
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
         click.echo()
+        save()
 
 
 @main.command()

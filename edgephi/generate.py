@@ -24,6 +24,7 @@ DEFAULT_MAX_NEW_TOKENS = 512  # the default reply length of the API, chat sessio
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of them, taken from the model's PrefixCache instead of computed
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -35,7 +36,8 @@ class GenerationStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -75,6 +77,8 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
 
     context_ids: every id already in the context before new_ids (for the repetition penalty).
     The token that ends the turn is not yielded and not fed; a token completing a stop string is.
+    A fresh sequence takes what the model's PrefixCache holds of new_ids, and when the generation
+    ends the cache is offered the sequence's prompt (after the reply: the copy never delays it).
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(new_ids)
@@ -85,7 +89,10 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
     tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopMatcher(stop) if stop else None
     started = time.perf_counter()
-    rows = sequence.feed(new_ids)[:, :n_vocab]
+    prefixes = model.prefix_cache
+    if prefixes is not None and sequence.next_pos == 0:
+        stats.cached_tokens = prefixes.restore(sequence.cache, np.asarray(new_ids, np.int64))
+    rows = sequence.feed(new_ids[stats.cached_tokens:])[:, :n_vocab]
     prompt_end = sequence.next_pos
     stats.fed = list(new_ids)
     stats.prefill_seconds = time.perf_counter() - started
@@ -135,6 +142,8 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
             sequence.truncate(kept)
         stats.finish_reason = stats.finish_reason or "length"
         stats.decode_seconds = time.perf_counter() - started
+        if prefixes is not None:
+            prefixes.offer(sequence.cache)
 
 
 def text_stream(tokenizer, ids: Iterable[int], stop: tuple[str, ...] = ()) -> Iterator[str]:

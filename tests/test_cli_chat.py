@@ -66,6 +66,24 @@ def test_two_turn_chat_keeps_context(home):
     assert "Berlin" not in alone.stdout
 
 
+def test_chat_session_file_resumes_as_one_conversation(home, tmp_path):
+    """`--session FILE`: a second run picks the conversation up where the first left it, with the
+    replies of one uninterrupted run; a damaged file is one line and stays as it was."""
+    questions = ["What is the capital of France?", "And of Germany?", "Which of the two is larger?"]
+    whole = run(["chat"], home=home, stdin="".join(q + "\n" for q in questions))
+    assert whole.returncode == 0, whole.stderr
+    path = tmp_path / "talk.session"
+    parts = [run(["chat", "--session", str(path)], home=home, stdin=q + "\n") for q in questions]
+    assert all(p.returncode == 0 for p in parts), [p.stderr for p in parts]
+    assert "".join(p.stdout for p in parts) == whole.stdout and "Berlin" in parts[1].stdout
+    damaged = tmp_path / "damaged.session"
+    damaged.write_bytes(path.read_bytes()[:1000])
+    refused = run(["chat", "--session", str(damaged)], home=home, stdin="Hello\n")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert str(damaged) in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert damaged.read_bytes() == path.read_bytes()[:1000]
+
+
 def test_chat_commands(home):
     script = "What is the capital of France?\n/stats\n/reset\nAnd of Germany?\n/system You are a pirate.\n/exit\nnever\n"
     done = run(["chat"], home=home, stdin=script)
