@@ -27,19 +27,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def timed_run(reset, feed, prompt, gen):
+def timed_run(reset, feed, step, prompt, gen):
     """(pp tok/s, tg tok/s from an empty context, tg tok/s after the prompt)."""
     reset()
     t0 = time.perf_counter()
     for tok in gen:
-        feed([tok])
+        step(tok)
     t1 = time.perf_counter()
     reset()
     t2 = time.perf_counter()
     feed(prompt)
     t3 = time.perf_counter()
     for tok in gen:
-        feed([tok])
+        step(tok)
     t4 = time.perf_counter()
     return len(prompt) / (t3 - t2), len(gen) / (t1 - t0), len(gen) / (t4 - t3)
 
@@ -104,13 +104,14 @@ def main() -> None:
         prompt = [int(t) for t in rng.integers(100, vocab, args.prompt_tokens)]
         gen = [int(t) for t in rng.integers(100, vocab, args.gen_tokens)]
         sequence = model.sequence()
-        runners = {"edgephi": (sequence.reset, sequence.feed), "llama.cpp": (llm.reset, llm.eval)}
-        for reset, feed in runners.values():  # compile / warm up both
-            timed_run(reset, feed, prompt[:64], gen[:8])
+        runners = {"edgephi": (sequence.reset, sequence.feed, sequence.step),
+                   "llama.cpp": (llm.reset, llm.eval, lambda tok: llm.eval([tok]))}
+        for runner in runners.values():  # compile / warm up both
+            timed_run(*runner, prompt[:64], gen[:8])
         results = {k: [] for k in runners}
         for _ in range(args.repetitions):
-            for k, (reset, feed) in runners.items():
-                results[k].append(timed_run(reset, feed, prompt, gen))
+            for k, runner in runners.items():
+                results[k].append(timed_run(*runner, prompt, gen))
         del model, sequence, llm
         run_args = {"folder": str(Path(tmp) / "m"), "gguf": str(args.gguf), "threads": args.threads,
                     "context": args.prompt_tokens + args.gen_tokens + 8, "prompt": prompt, "gen": gen}

@@ -51,7 +51,7 @@ class Sequence:
             self._busy.release()
 
     def step(self, token: int) -> np.ndarray:
-        """feed([token]) without the per-call conversions: the decode loop's hot path."""
+        """One decode step, without feed()'s per-call conversions: the decode loop's hot path."""
         if not 0 <= token < self._vocab_size:
             raise ValueError(f"token ids must be in [0, {self._vocab_size})")
         self._claim()

@@ -24,6 +24,7 @@ from .format import CONFIG_FILE, WEIGHTS_FILE
 from .kv_cache import KVCache
 from .messages import check_messages
 from .safetensors_io import SafetensorsFile
+from .user_cache import cache_root
 
 SESSION_FORMAT = "edgephi-session"
 SESSION_VERSION = 1
@@ -36,13 +37,34 @@ class SessionFileError(EdgephiError):
 
 
 def model_identity(folder: Path) -> str:
-    """sha256 of the model's config and weights files (the weights hashed in 1 MiB reads, ~1 s a GB)."""
+    """sha256 of the model's config and weights files. Hashing the weights takes about 1 s a GB
+    here and far longer on a board without SHA instructions, so the result is remembered in the
+    user cache, keyed by each file's path, size, inode and change times."""
+    stamps = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        st = os.stat(folder / name)
+        stamps.append(f"{(folder / name).resolve()}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}")
+    memo = cache_root() / "model-identity" / hashlib.sha256("\0".join(stamps).encode()).hexdigest()
+    try:
+        known = memo.read_text()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         with open(folder / name, "rb") as f:
             file_digest = hashlib.file_digest(f, "sha256").digest()
         digest.update(name.encode() + b"\0" + file_digest)
-    return digest.hexdigest()
+    identity = digest.hexdigest()
+    try:  # a read-only or full cache only costs the next run the hashing again
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        temporary = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        temporary.write_text(identity)
+        os.replace(temporary, memo)
+    except OSError:
+        pass
+    return identity
 
 
 @dataclass

@@ -48,7 +48,7 @@ def test_prefill_plus_decode_equals_full_sequence(float_models, variant):
     full = model.logits(ids)
     sequence = model.sequence()
     steps = [sequence.feed(ids[:25], all_logits=True)]
-    steps += [sequence.feed([t]).copy() for t in ids[25:]]  # feed() returns a reused buffer
+    steps += [sequence.step(t).copy() for t in ids[25:]]  # step() returns a reused buffer
     np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
@@ -79,7 +79,7 @@ def test_longrope_decode_across_the_switch_matches_transformers(float_models):
     sequence = model.sequence()
     sequence.feed(ids[:28])
     for n in range(29, 45):
-        ours = sequence.feed([ids[n - 1]])[0]
+        ours = sequence.step(ids[n - 1])[0]
         expected = hf_logits(ref, ids[:n])[-1]
         assert rel_err(ours, expected) < 1e-4, n
     assert sequence.cache.long_rope

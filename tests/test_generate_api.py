@@ -378,7 +378,7 @@ def test_chat_session_with_replies_reuses_the_cache(model, hf, generation, monke
         replies = len(script) - 1  # the last sampled token was never fed
         sequence.feed(cached[:len(cached) - replies])
         for token in cached[len(cached) - replies:]:
-            sequence.feed([token])
+            sequence.step(token)
         return sequence
     tokens = list(token_stream(model, replayed(), ids2[len(cached):], params=SamplingParams(temperature=0.7, seed=0),
                                max_new_tokens=len(script), context_ids=cached))

@@ -50,7 +50,7 @@ def test_ring_attention_equals_masked_attention_in_transformers(tiny):
     model = edgephi.load(out, context=C, kv_dtype="float32")
     ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, n)]
     sequence = model.sequence()
-    ours = np.concatenate([sequence.feed([t]).copy() for t in ids])
+    ours = np.concatenate([sequence.step(t).copy() for t in ids])
     ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
     q = torch.arange(n)[:, None]
     k = torch.arange(n)[None, :]

@@ -180,3 +180,21 @@ def test_resume_arguments_are_checked(model, tmp_path):
         model.chat_session(resume=path, context=128)
     with pytest.raises(SessionFileError, match="missing"):
         model.chat_session(resume=tmp_path / "missing.session")
+
+
+def test_a_changed_weights_file_is_another_model(folders, tmp_path):
+    """The model's identity is remembered between runs, keyed by the files' sizes and times: a
+    weights file rewritten in place (same size) is still seen as another model."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders[0], folder)
+    path = tmp_path / "chat.session"
+    saved(edgephi.load(folder, context=512), path)
+    assert edgephi.load(folder, context=512).chat_session(resume=path).messages  # the remembered identity
+    weights = folder / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor's data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SessionFileError, match="saved with another model"):
+        edgephi.load(folder, context=512).chat_session(resume=path)
