@@ -122,15 +122,23 @@ class LanguageModel:
 
     def write_session(self, path, cache, *, messages: list[dict], system: str | None, fed: list[int]) -> None:
         self._numba_cache_only("saving a chat session")
-        save_session(path, identity=self.identity, kv_dtype=self.kv_dtype, cache=cache, messages=messages,
-                     system=system, fed=fed)
+        save_session(path, identity=self.identity, kernels=self._kernels, kv_dtype=self.kv_dtype, cache=cache,
+                     messages=messages, system=system, fed=fed)
 
     def read_session(self, path) -> SavedSession:
         self._numba_cache_only("resuming a chat session")
         cfg = self.config
         blocks = cfg.num_kv_heads * -(-cfg.head_dim // KV_BLOCK) if self.kv_dtype == "int8" else 0
-        return read_session(path, identity=self.identity, kv_dtype=self.kv_dtype, layers=cfg.num_layers,
-                            kv_width=cfg.num_kv_heads * cfg.head_dim, kv_blocks=blocks, vocab_size=cfg.vocab_size)
+        return read_session(path, identity=self.identity, kernels=self._kernels, kv_dtype=self.kv_dtype,
+                            layers=cfg.num_layers, kv_width=cfg.num_kv_heads * cfg.head_dim, kv_blocks=blocks,
+                            vocab_size=cfg.vocab_size)
+
+    @property
+    def _kernels(self) -> str:
+        """What computes this model's KV, bit for bit: edgephi's version and the ISA."""
+        from . import __version__
+
+        return f"edgephi {__version__} {self.backend.isa.name}"
 
     def chat(self, messages, **options) -> str:
         """The assistant's reply to a list of messages, in a fresh context."""

@@ -92,9 +92,10 @@ class SavedSession:
         cache.long_rope = self.long_rope
 
 
-def save_session(path: str | Path, *, identity: str, kv_dtype: str, cache: KVCache, messages: list[dict],
-                 system: str | None, fed: list[int]) -> None:
-    """Write a session file atomically: a temporary file in the same folder, renamed over `path`."""
+def save_session(path: str | Path, *, identity: str, kernels: str, kv_dtype: str, cache: KVCache,
+                 messages: list[dict], system: str | None, fed: list[int]) -> None:
+    """Write a session file atomically: a temporary file in the same folder, renamed over `path`.
+    kernels: what computed the KV (edgephi's version and the ISA), see read_session."""
     from safetensors.numpy import save_file  # the writer only; reading goes through our checked reader
 
     path = Path(path)
@@ -105,7 +106,7 @@ def save_session(path: str | Path, *, identity: str, kv_dtype: str, cache: KVCac
     state = {name: int(getattr(cache, name)) for name in RING_FIELDS}
     state.update(long_rope=bool(cache.long_rope), messages=messages, system=system)
     metadata = {"format": SESSION_FORMAT, "version": str(SESSION_VERSION), "model": identity,
-                "kv_dtype": kv_dtype, "state": json.dumps(state)}
+                "kernels": kernels, "kv_dtype": kv_dtype, "state": json.dumps(state)}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(temporary), metadata=metadata)
@@ -118,10 +119,12 @@ def save_session(path: str | Path, *, identity: str, kv_dtype: str, cache: KVCac
         temporary.unlink(missing_ok=True)
 
 
-def read_session(path: str | Path, *, identity: str, kv_dtype: str, layers: int, kv_width: int, kv_blocks: int,
-                 vocab_size: int) -> SavedSession:
+def read_session(path: str | Path, *, identity: str, kernels: str, kv_dtype: str, layers: int, kv_width: int,
+                 kv_blocks: int, vocab_size: int) -> SavedSession:
     """A session file, checked: its format and version, that this model (identity) and KV type
-    wrote it, and that every array fits a cache of the saved capacity. Raises SessionFileError."""
+    wrote it, and that every array fits a cache of the saved capacity. Raises SessionFileError.
+    KV that other kernels computed (another edgephi version or ISA, which may round differently)
+    continues the conversation but is not marked exact, so no other sequence shares it."""
     path = Path(path)
 
     def refuse(problem: str):
@@ -183,5 +186,7 @@ def read_session(path: str | Path, *, identity: str, kv_dtype: str, layers: int,
     for ids in (tokens, fed):
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
             refuse(f"token ids outside this model's vocabulary of {vocab_size}")
+    if meta.get("kernels") != kernels:
+        ring["exact_end"] = 0
     return SavedSession(messages, state["system"], fed.tolist(), ring, state["long_rope"], slots, positions,
                         tokens, kv)

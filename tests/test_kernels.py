@@ -651,13 +651,14 @@ def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
 @pytest.mark.parametrize("isa", [name for name in RUNNABLE if name != HOST.name])
 @pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", *GGUF_ONLY_NAMES])
 @pytest.mark.parametrize("N,K", [(37, 96), (130, 512)])
-@pytest.mark.parametrize("T", [1, 7, 11])  # decode; a row-dot tile and three single tokens; panels
-def test_quantized_linear_exact_on_every_isa_the_host_runs(isa, name, N, K, T):
-    if K % FORMATS[name].row_multiple:
-        K *= 256 // math.gcd(K, 256)  # K-quant rows are whole super-blocks
+# decode; a row-dot tile and three single tokens; panels; a prompt step's panels with a partial tile
+@pytest.mark.parametrize("T,prompt", [(1, False), (7, False), (11, False), (3, True)])
+def test_quantized_linear_exact_on_every_isa_the_host_runs(isa, name, N, K, T, prompt):
     """Each other instruction set's block dots, compiled in this process beside the host's (the ISA
     is an argument type), held to the same exactness (the host's runs in the test above)."""
-    check_exact_on_int16_activations(ISAS[isa], name, N, K, T)
+    if K % FORMATS[name].row_multiple:
+        K *= 256 // math.gcd(K, 256)  # K-quant rows are whole super-blocks
+    check_exact_on_int16_activations(ISAS[isa], name, N, K, T, prompt)
 
 
 @pytest.mark.parametrize("isa", RUNNABLE)

@@ -198,3 +198,18 @@ def test_a_changed_weights_file_is_another_model(folders, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(SessionFileError, match="saved with another model"):
         edgephi.load(folder, context=512).chat_session(resume=path)
+
+
+def test_kv_from_other_kernels_is_resumed_but_not_shared(model, tmp_path):
+    """A session saved by another edgephi version or ISA (which may round differently) goes on,
+    but its KV never reaches the prefix cache, which promises a cold prefill's bits."""
+    path = tmp_path / "chat.session"
+    system = " ".join(["a long shared system prompt about foxes and dogs"] * 8)
+    session = model.chat_session(system=system, max_new_tokens=4)
+    session("hello")
+    session.save(path)
+    path.write_bytes(rewrite_metadata(path.read_bytes(), lambda meta: meta.update(kernels="edgephi 0.0.1 avx2")))
+    fresh = edgephi.load(model.folder, context=512)
+    resumed = fresh.chat_session(resume=path, max_new_tokens=4)
+    assert resumed.sequence.cache.exact_prefix == 0 and len(fresh.prefix_cache) == 0
+    assert resumed("again") == session("again")
