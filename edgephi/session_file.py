@@ -177,11 +177,13 @@ def read_session(path: str | Path, *, identity: str, kernels: str, kv_dtype: str
         kv[name] = arrays.get(name, np.zeros(shape, dtype))
         if kv[name].shape != shape or kv[name].dtype != dtype:
             refuse(f"corrupt session file ({name} is not {shape} {np.dtype(dtype).name})")
-    if not (2 <= capacity and ring["sinks"] < capacity and ring["keep"] < capacity and n <= capacity
+    keep = ring["keep"]
+    if not (2 <= capacity and min(ring["sinks"], capacity - 1) <= keep < capacity and n <= capacity
             and len(positions) == len(tokens) == n and ring["exact_end"] <= ring["next_pos"]):
         refuse("corrupt session state (ring sizes)")
-    if n and (slots.min() < 0 or slots.max() >= capacity or len(np.unique(slots)) != n
-              or positions.min() < 0 or positions.max() >= ring["next_pos"] or np.any(np.diff(positions) <= 0)):
+    ring_slots = np.where(positions < keep, positions, keep + (positions - keep) % (capacity - keep))
+    if n and (positions.min() < 0 or positions.max() >= ring["next_pos"] or np.any(np.diff(positions) <= 0)
+              or len(np.unique(slots)) != n or not np.array_equal(slots, ring_slots)):
         refuse("corrupt session state (slots)")
     for ids in (tokens, fed):
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
