@@ -84,5 +84,6 @@ def forward(tokens, positions, slots, model, cache, scratch, logits, prompt):
         nonfinite += linear(isa, model.output, xn, logits, act, prompt)
     else:
         rmsnorm(x[T - 1:], model.norm, model.eps, xn[:1])
-        nonfinite += linear(isa, model.output, xn[:1], logits, act, False)  # as a cold prefill's last token
+        # one row: the row dots in every kind of step, so a prompt's last logits never depend on its split
+        nonfinite += linear(isa, model.output, xn[:1], logits, act, False)
     return nonfinite + count_nonfinite(logits)
