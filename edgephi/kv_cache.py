@@ -122,13 +122,22 @@ class KVCache:
         self.next_pos = self.exact_end = n
         self.long_rope = long_rope
 
-    def note_step(self, first: int, prompt: bool) -> None:
-        """A step wrote positions [first, next_pos): a prompt step extends the exact run it
-        continues; any other step (decode, verify) computes positions no cold prefill would."""
-        if prompt and first == self.exact_end:
+    def note_prompt_step(self, first: int) -> None:
+        """A prompt step wrote positions [first, next_pos): it extends the exact run if it continues
+        it. Other steps (decode, verify) never need noting: they write at or past exact_end, and
+        the next prompt step then starts past it."""
+        if first == self.exact_end:
             self.exact_end = self.next_pos
-        else:
-            self.exact_end = min(self.exact_end, first)
+
+    def restore(self, slots, positions, tokens, arrays: dict, *, next_pos: int, keep: int, lost_below: int,
+                exact_end: int, long_rope: bool) -> None:
+        """Into a fresh cache of a saved one's capacity and sinks, its used slots (arrays: k, v,
+        k_scale, v_scale rows (L, n, ...) of those slots) and its counters (session_file)."""
+        for name, rows in arrays.items():
+            getattr(self, name)[:, slots] = rows
+        self.slot_pos[slots], self.slot_token[slots] = positions, tokens
+        self.next_pos, self.keep, self.lost_below, self.exact_end = next_pos, keep, lost_below, exact_end
+        self.long_rope = long_rope
 
     @property
     def exact_prefix(self) -> int:

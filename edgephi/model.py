@@ -197,7 +197,8 @@ class NumbaBackend:
                 run_forward = self._decode_step if tokens is cache.token else forward
                 nonfinite = run_forward(tokens, positions, slots, self.transformer, kv_arrays(cache), scratch, logits,
                                         prompt)
-                cache.note_step(int(positions[0]), prompt)
+                if prompt:
+                    cache.note_prompt_step(int(positions[0]))
             finally:
                 if app_threads != self.threads:  # the calling app's own numba code keeps its count
                     numba.set_num_threads(app_threads)

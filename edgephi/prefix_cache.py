@@ -76,13 +76,11 @@ class PrefixCache:
         """Keep a copy of the cache's exact prefix unless one already held covers it; True if stored.
         Call it from the thread that steps the cache, between steps."""
         n = cache.exact_prefix
-        if n < self.min_tokens:
+        if n < self.min_tokens or not self._fits(n, cache):
             return False
         tokens = cache.slot_token[:n].copy()  # below exact_prefix, slot p holds position p
         entry = PrefixEntry(tokens, *(a[:, :n].copy() for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)),
-                            cache.long_rope) if self._fits(n, cache) else None
-        if entry is None:
-            return False
+                            cache.long_rope)
         with self._lock:
             for key, held in list(self._entries.items()):
                 if held.long_rope != entry.long_rope:

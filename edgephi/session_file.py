@@ -83,13 +83,9 @@ class SavedSession:
 
     def restore_into(self, cache: KVCache) -> None:
         """Write the saved slots and counters into a fresh cache of the saved capacity and sinks."""
-        for name in KV_ARRAYS:
-            getattr(cache, name)[:, self.slots] = self.kv[name]
-        cache.slot_pos[self.slots] = self.positions
-        cache.slot_token[self.slots] = self.tokens
-        cache.next_pos, cache.keep = self.ring["next_pos"], self.ring["keep"]
-        cache.lost_below, cache.exact_end = self.ring["lost_below"], self.ring["exact_end"]
-        cache.long_rope = self.long_rope
+        cache.restore(self.slots, self.positions, self.tokens, self.kv, next_pos=self.ring["next_pos"],
+                      keep=self.ring["keep"], lost_below=self.ring["lost_below"], exact_end=self.ring["exact_end"],
+                      long_rope=self.long_rope)
 
 
 def save_session(path: str | Path, *, identity: str, kernels: str, kv_dtype: str, cache: KVCache,
