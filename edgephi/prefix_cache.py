@@ -79,18 +79,17 @@ class PrefixCache:
         if n < self.min_tokens or not self._fits(n, cache):
             return False
         tokens = cache.slot_token[:n].copy()  # below exact_prefix, slot p holds position p
+        with self._lock:  # checked before copying: a chat offers the same prompt after every turn
+            if self._touch_holder(tokens, cache.long_rope):
+                return False
         entry = PrefixEntry(tokens, *(a[:, :n].copy() for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)),
                             cache.long_rope)
         with self._lock:
+            if self._touch_holder(tokens, cache.long_rope):  # another thread stored it meanwhile
+                return False
             for key, held in list(self._entries.items()):
-                if held.long_rope != entry.long_rope:
-                    continue
-                common = common_length(held.tokens, tokens)
-                if common == n:  # this prefix is held already (or a longer one starting with it)
-                    self._entries.move_to_end(key)
-                    return False
-                if common == len(held.tokens):  # the new one extends it
-                    del self._entries[key]
+                if held.long_rope == entry.long_rope and common_length(held.tokens, tokens) == len(held.tokens):
+                    del self._entries[key]  # the new one extends it
             self._entries[self._next_key] = entry
             self._next_key += 1
             total = sum(e.nbytes for e in self._entries.values())
@@ -98,6 +97,14 @@ class PrefixCache:
                 _, dropped = self._entries.popitem(last=False)
                 total -= dropped.nbytes
         return True
+
+    def _touch_holder(self, tokens: np.ndarray, long_rope: bool) -> bool:
+        """Under the lock: whether an entry starts with `tokens`; it becomes the most recently used."""
+        for key, held in self._entries.items():
+            if held.long_rope == long_rope and common_length(held.tokens, tokens) == len(tokens):
+                self._entries.move_to_end(key)
+                return True
+        return False
 
     def _fits(self, n: int, cache: KVCache) -> bool:
         per_token = (cache.k.nbytes + cache.v.nbytes + cache.k_scale.nbytes + cache.v_scale.nbytes) // cache.capacity
