@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .block_codecs import CODECS, RowPlanes
@@ -119,7 +118,7 @@ def repack_panel(typingctx, isa, w, n0, nr, n_blocks, wq, ws, wo):
     """Rows n0 .. n0 + R - 1 (n_blocks blocks of 32 each) of the quantized Linear w into a panel of R
     rows (panel_shape's): wq
     int16 (blocks * PAIRS * R * 2) holds block b's pair p of row r at (b PAIRS + p) R + r (as one
-    int32), ws and wo float32 (blocks * R) its scale and offset (0 without one).
+    int32), ws and wo float32 (blocks * R) its scale and offset (left unwritten without one).
     Rows from nr on repeat row n0 (their sums are computed and not stored)."""
     sig = types.void(isa, w, types.intp, types.intp, types.intp, wq, ws, wo)
     panel_rows = 2 * panel_lanes(op_set(isa))
@@ -139,47 +138,46 @@ def repack_panel(typingctx, isa, w, n0, nr, n_blocks, wq, ws, wo):
         fmt = builder.extract_value(w_rec, w_type.fields.index("format"))
         bases = {p: builder.bitcast(a.data, I8.as_pointer()) for p, a in arrays.items()}
         # sixteen rows at a time, block by block: each row's block is decoded (the one part that
-        # depends on the format, a loop over rows) into `words`, whose sixteen vectors a transpose
-        # turns into sixteen vectors of rows. Each block's part of the panel is written whole
-        # while in L1.
-        words = cgutils.alloca_once(builder, vec(I32, PAIRS), size=PAIRS, name="words")
+        # depends on the format) into a vector of words, and a transpose turns the sixteen into
+        # sixteen vectors of rows, written whole while in L1. The format's branch and the rows'
+        # offsets are settled once per sixteen rows, and the rows unrolled: per block and row
+        # they cost more than the decoding did.
 
         def one_half(half, carried):
             h = builder.mul(half, const(PAIRS))  # the first of these sixteen rows
+            firsts = [builder.add(h, const(r)) for r in range(PAIRS)]
+            ns = [builder.select(builder.icmp_signed("<", i, nr), builder.add(n0, i), n0) for i in firsts]
+            rows = [RowPlanes(base=bases, row={p: builder.mul(n, builder.extract_value(a.strides, 0))
+                                               for p, a in arrays.items()}, n_blocks=n_blocks) for n in ns]
 
-            def one_block(b, inner):
-                def decode(codec):
-                    def one_row(r, unchanged):
-                        i = builder.add(h, r)
-                        n = builder.select(builder.icmp_signed("<", i, nr), builder.add(n0, i), n0)
-                        row = RowPlanes(base=bases, row={p: builder.mul(n, builder.extract_value(a.strides, 0))
-                                                         for p, a in arrays.items()}, n_blocks=n_blocks)
+            def decode(codec):
+                def one_block(b, inner):
+                    words = []
+                    for i, row in zip(firsts, rows):
                         values, scale, offset = _block_words(builder, codec, row, b)
-                        builder.store(builder.bitcast(values, vec(I32, PAIRS)), builder.gep(words, [r]))
+                        words.append(builder.bitcast(values, vec(I32, PAIRS)))
                         at = builder.add(builder.mul(b, const(panel_rows)), i)
                         builder.store(scale, builder.gep(ws_p, [at]))
-                        builder.store(ir.Constant(F32, 0.0) if offset is None else offset, builder.gep(wo_p, [at]))
-                        return unchanged
-                    counted_loop(builder, const(PAIRS), [], one_row, f"repack.{codec.name}")
+                        if offset is not None:  # panel_tile reads offsets only of formats with a minimum
+                            builder.store(offset, builder.gep(wo_p, [at]))
+                    for p, column in enumerate(_transpose(builder, words)):
+                        at = builder.add(builder.mul(b, const(PAIRS * panel_rows)), builder.add(h, const(p * panel_rows)))
+                        builder.store(column, builder.bitcast(builder.gep(wq_p, [at]), vec(I32, PAIRS).as_pointer()),
+                                      align=4)
+                    return inner
+                counted_loop(builder, n_blocks, [], one_block, f"repack.{codec.name}")
 
-                cases = [(ggml_type, codec, builder.append_basic_block(f"repack.{codec.name}"))
-                         for ggml_type, codec in FORMAT_CASES]
-                merge = builder.append_basic_block("repack.transpose")
-                switch = builder.switch(fmt, cases[-1][2])
-                for ggml_type, _, block in cases[:-1]:
-                    switch.add_case(ir.Constant(fmt.type, ggml_type), block)
-                for _, codec, block in cases:
-                    builder.position_at_end(block)
-                    decode(codec)
-                    builder.branch(merge)
-                builder.position_at_end(merge)
-                rows = [builder.load(builder.gep(words, [const(r)])) for r in range(PAIRS)]
-                for p, column in enumerate(_transpose(builder, rows)):
-                    at = builder.add(builder.mul(b, const(PAIRS * panel_rows)), builder.add(h, const(p * panel_rows)))
-                    builder.store(column, builder.bitcast(builder.gep(wq_p, [at]), vec(I32, PAIRS).as_pointer()),
-                                  align=4)
-                return inner
-            counted_loop(builder, n_blocks, [], one_block, "repack.blocks")
+            cases = [(ggml_type, codec, builder.append_basic_block(f"repack.{codec.name}"))
+                     for ggml_type, codec in FORMAT_CASES]
+            merge = builder.append_basic_block("repack.done")
+            switch = builder.switch(fmt, cases[-1][2])
+            for ggml_type, _, block in cases[:-1]:
+                switch.add_case(ir.Constant(fmt.type, ggml_type), block)
+            for _, codec, block in cases:
+                builder.position_at_end(block)
+                decode(codec)
+                builder.branch(merge)
+            builder.position_at_end(merge)
             return carried
         counted_loop(builder, const(panel_rows // PAIRS), [], one_half, "repack.halves")
         return context.get_dummy_value()
