@@ -193,8 +193,12 @@ def test_ctrl_c_stops_the_reply_not_the_program(home):
     try:
         assert read_until(b"> ", 300), out
         os.write(fd, b"Write a very long story about a dragon.\r")
-        time.sleep(3)  # the reply is streaming now
-        os.kill(pid, signal.SIGINT)
+        assert read_until(b"dragon.", 60), out  # the terminal's echo of the line
+        echoed = len(out)
+        end = time.time() + 120
+        while len(out) < echoed + 40 and time.time() < end:  # the reply is streaming now
+            read_until(b"\x00", 0.5)
+        os.kill(pid, signal.SIGINT)  # a few words in, not after a wait the reply may outlast
         assert read_until(b"[stopped]", 180), out
         os.write(fd, b"What is the capital of France?\r")
         assert read_until(b"Paris", 120), out
