@@ -9,17 +9,19 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels import add_into, attention, rmsnorm, rope, silu_mul, store_kv
+from .attention_lanes import LANE_TOKENS
+from .kernels import add_into, attention, attention_prompt, lane_scratch_floats, rmsnorm, rope, silu_mul, store_kv
 from .matmul import count_nonfinite, embed_rows, linear
 from .records import Scratch, activations
 
-ATTENTION_TOKENS = 16  # tokens per attention call in a prefill chunk: scores are 16 x H x C floats
+ATTENTION_TOKENS = LANE_TOKENS  # tokens per attention call in a longer step: scores are 16 x H x C floats
 
 
 def new_scratch(cfg, tokens: int, capacity: int) -> Scratch:
-    """Scratch for steps of up to `tokens` tokens over a KV ring of `capacity` slots. The attention
-    block's qkv and attn and the MLP's gate_up and act are never live at once, so they share one
-    buffer (prefill chunks are as long as scratch bytes allow, and panels gain from long ones)."""
+    """Scratch for steps of up to `tokens` tokens over a KV ring of `capacity` slots (prompt steps,
+    even of one token, need tokens > 1: attention_prompt's lanes). The attention block's qkv and
+    attn and the MLP's gate_up and act are never live at once, so they share one buffer (prefill
+    chunks are as long as scratch bytes allow, and panels gain from long ones)."""
     D, F, Dh, H, Hk = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     f32 = np.float32
     Q, A = (H + 2 * Hk) * Dh, H * Dh
@@ -27,9 +29,9 @@ def new_scratch(cfg, tokens: int, capacity: int) -> Scratch:
     return Scratch(
         x=np.zeros((tokens, D), f32), xn=np.zeros((tokens, D), f32),
         qkv=shared[:tokens * Q].reshape(tokens, Q), attn=shared[tokens * Q:tokens * (Q + A)].reshape(tokens, A),
-        tmp=np.zeros((tokens, D), f32),
         gate_up=shared[:tokens * 2 * F].reshape(tokens, 2 * F), act=shared[tokens * 2 * F:tokens * 3 * F].reshape(tokens, F),
-        scores=np.zeros((min(tokens, ATTENTION_TOKENS) * H, capacity), f32),
+        scores=np.zeros(((ATTENTION_TOKENS if tokens > 1 else 1) * H, capacity), f32),
+        lanes=np.zeros((H, lane_scratch_floats(Dh)) if tokens > 1 else (0, 0), f32),
         quantized=activations(tokens, max(D, F, H * Dh)))
 
 
@@ -40,9 +42,9 @@ def _shared_floats(cfg) -> int:
 
 
 def scratch_bytes_per_token(cfg) -> int:
-    """Scratch bytes that grow with the step's tokens (all but the scores): Phi-4-mini's 168 KB."""
+    """Scratch bytes that grow with the step's tokens (all but the scores and lanes): Phi-4-mini's 168 KB."""
     D, F, Dh, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
-    floats = 3 * D + _shared_floats(cfg)
+    floats = 2 * D + _shared_floats(cfg)
     widest = max(D, F, H * Dh)
     return 4 * floats + 4 * widest + 8 * (widest // 32)  # Activations: int16 + 2 bytes a value, 2 floats a block
 
@@ -57,7 +59,8 @@ def forward(tokens, positions, slots, model, cache, scratch, logits, prompt):
     H, Hk, Dh, R = model.heads, model.kv_heads, model.head_dim, model.rope.rotary_dim
     isa, act = model.isa, scratch.quantized
     x, xn, qkv, attn = scratch.x[:T], scratch.xn[:T], scratch.qkv[:T], scratch.attn[:T]
-    tmp, gate_up, ffn = scratch.tmp[:T], scratch.gate_up[:T], scratch.act[:T]
+    gate_up, ffn = scratch.gate_up[:T], scratch.act[:T]
+    tmp = xn  # a sublayer's output: its normed input is spent by then, and prefill chunks grow by a fifth
     inv_freq = model.rope.long if cache.long_rope else model.rope.short
     nonfinite = 0
     embed_rows(model.embed, tokens, x)
@@ -70,8 +73,12 @@ def forward(tokens, positions, slots, model, cache, scratch, logits, prompt):
         store_kv(qkv, slots, k_cache, v_cache, k_scale, v_scale, H, Hk, Dh)
         for t0 in range(0, T, ATTENTION_TOKENS):  # bounds the scores scratch, not the matmul chunk
             t1 = min(T, t0 + ATTENTION_TOKENS)
-            attention(qkv[t0:t1], positions[t0:t1], k_cache, v_cache, k_scale, v_scale, cache.slot_pos, cache.n_slots,
-                      model.window, H, Hk, Dh, scratch.scores, attn[t0:t1])
+            if prompt:  # each cached row read once for the call's tokens, each token's sums split-invariant
+                attention_prompt(qkv[t0:t1], positions[t0:t1], k_cache, v_cache, k_scale, v_scale, cache.slot_pos,
+                                 cache.n_slots, model.window, H, Hk, Dh, scratch.scores, scratch.lanes, attn[t0:t1])
+            else:
+                attention(qkv[t0:t1], positions[t0:t1], k_cache, v_cache, k_scale, v_scale, cache.slot_pos,
+                          cache.n_slots, model.window, H, Hk, Dh, scratch.scores, attn[t0:t1])
         nonfinite += linear(isa, layer.o, attn, tmp, act, prompt)
         add_into(x, tmp)
         rmsnorm(x, layer.ffn_norm, model.eps, xn)

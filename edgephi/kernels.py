@@ -12,9 +12,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .attention_lanes import LANE_ROWS, LANE_TOKENS, lane_products, prefetch_row
 from .attention_rows import ROWS_CHUNK, rows_dot_chunk, weighted_rows_sum
 from .kv_cache import KV_BLOCK
 from .float16 import narrow, widen
+from .llvm_ir import call_intrinsic
 from .matmul import CACHE_PARALLEL
 
 
@@ -97,11 +99,20 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _floor(typingctx, x):
+    """floor of a float32 as LLVM's own intrinsic: numba's math.floor calls libm's floorf, and a
+    loop with a call in it does not vectorise."""
+    def codegen(context, builder, signature, args):
+        return call_intrinsic(builder, "llvm.floor.f32", ir.FloatType(), [args[0]])
+    return types.float32(types.float32), codegen
+
+
 @njit(cache=True, fastmath=True, inline="always")
 def exp_nonpositive(x):
     """exp(x) for x <= 0 in plain arithmetic (Cephes' expf polynomial, < 2 ulp), so that a loop
     of them vectorises; libm's exp is one call per value. Below -87 (and for -inf) it is 0."""
-    n = math.floor(x * np.float32(1.44269504) + np.float32(0.5))
+    n = _floor(x * np.float32(1.44269504) + np.float32(0.5))
     r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
     p = np.float32(1.9875691500e-4)
     p = p * r + np.float32(1.3981999507e-3)
@@ -195,13 +206,113 @@ def attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_sl
 
 
 @njit(cache=True)
+def lane_scratch_floats(head_dim):
+    """Floats of attention_prompt's scratch per head: q and the output transposed (Dh, LANE_TOKENS),
+    a tile of LANE_ROWS widened cache rows, and the softmax's running max and sum per lane."""
+    return 2 * LANE_TOKENS * head_dim + LANE_ROWS * head_dim + 2 * LANE_TOKENS
+
+
+@njit(cache=True, inline="always")
+def _widen_rows(cache, scales, s0, rows, col, width, block0, tile):
+    """tile[r * width + j] = cache[s0 + r, col + j] as float32 (an int8 cache's times its block scale
+    scales[s0 + r, block0 + j // KV_BLOCK]): the values the dequantized cache holds."""
+    quantized = scales.shape[1] > 0
+    for r in range(rows):
+        if s0 + r + LANE_ROWS < cache.shape[0]:  # the next tile's row
+            prefetch_row(cache, s0 + r + LANE_ROWS, col, width)
+        src = cache[s0 + r, col:col + width]
+        dst = tile[r * width:(r + 1) * width]
+        if quantized:
+            for b0 in range(0, width, KV_BLOCK):
+                scale = scales[s0 + r, block0 + b0 // KV_BLOCK]
+                for j in range(b0, min(width, b0 + KV_BLOCK)):
+                    dst[j] = widen(src[j]) * scale
+        else:
+            for j in range(width):
+                dst[j] = widen(src[j])
+
+
+# Sums must not be reordered: a token's values have to be the same whichever tokens share its call
+@njit(cache=CACHE_PARALLEL, parallel=True, fastmath={"contract", "nsz", "arcp", "afn"})
+def attention_prompt(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_slots, window, n_heads,
+                     n_kv_heads, head_dim, scores, lanes, out):
+    """attention() for a prompt step of T <= LANE_TOKENS tokens at increasing positions, one head per
+    task and one token per float lane (attention_lanes.py): each cached row is widened once for all
+    the tokens. Every token's scores, softmax and weighted sum run over the rows in slot order, so a
+    token's output does not depend on which tokens share its call (lanes past T repeat the last
+    token). scores (LANE_TOKENS * H, C) scratch; lanes (H, lane_scratch_floats(Dh)) scratch."""
+    T, L, Dh = qkv.shape[0], LANE_TOKENS, head_dim
+    if T > L or scores.shape[0] < L * n_heads or lanes.shape[0] < n_heads or lanes.shape[1] < lane_scratch_floats(Dh):
+        raise ValueError("attention_prompt: the step's tokens exceed its scratch")
+    group = n_heads // n_kv_heads
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    ordered = n_slots > 0 and slot_pos[0] >= 0
+    for s in range(1, n_slots):
+        if slot_pos[s] <= slot_pos[s - 1]:
+            ordered = False
+            break
+    lane_pos = np.empty(L, np.int64)
+    for lane in range(L):
+        lane_pos[lane] = positions[min(lane, T - 1)]
+    n = np.searchsorted(slot_pos[:n_slots], lane_pos[L - 1], side="right") if ordered else n_slots
+    C = scores.shape[1]
+    per_head = (head_dim + KV_BLOCK - 1) // KV_BLOCK
+    for h in prange(n_heads):
+        kh = h // group
+        buf = lanes[h]
+        q_t, out_t = buf[:Dh * L], buf[Dh * L:2 * Dh * L]  # (Dh, L): dim-major, a lane per token
+        tile = buf[2 * Dh * L:2 * Dh * L + LANE_ROWS * Dh]  # (LANE_ROWS, Dh) widened cache rows
+        best, total = buf[(2 * L + LANE_ROWS) * Dh:(2 * L + LANE_ROWS) * Dh + L], buf[(2 * L + LANE_ROWS) * Dh + L:]
+        weights = scores[h * L:(h + 1) * L].reshape(L * C)  # (C, L): row s holds every token's weight of slot s
+        for d in range(Dh):
+            for lane in range(L):
+                q_t[d * L + lane] = qkv[min(lane, T - 1), h * Dh + d]
+        for s0 in range(0, n, LANE_ROWS):
+            rows = min(LANE_ROWS, n - s0)
+            _widen_rows(k_cache, k_scale, s0, rows, kh * Dh, Dh, kh * per_head, tile)
+            # weights[s, :] = K[s] . q for this tile's rows s
+            lane_products(tile, 0, Dh, 1, rows, Dh, q_t, 0, weights[s0 * L:], False)
+        best[:] = -np.inf
+        for s in range(n):
+            p = slot_pos[s]
+            row = weights[s * L:(s + 1) * L]
+            for lane in range(L):
+                seen = (p >= 0) & (p <= lane_pos[lane]) & ((window <= 0) | (p > lane_pos[lane] - window))
+                value = row[lane] * scale if seen else np.float32(-np.inf)
+                row[lane] = value
+                best[lane] = max(best[lane], value)
+        total[:] = 0.0
+        for s in range(n):
+            row = weights[s * L:(s + 1) * L]
+            for lane in range(L):
+                e = exp_nonpositive(row[lane] - best[lane])
+                row[lane] = e
+                total[lane] += e
+        out_t[:] = 0.0
+        for s0 in range(0, n, LANE_ROWS):
+            rows = min(LANE_ROWS, n - s0)
+            _widen_rows(v_cache, v_scale, s0, rows, kh * Dh, Dh, kh * per_head, tile)
+            # out_t[d, :] += sum_s V[s, d] * weights[s, :] over this tile's rows s
+            lane_products(tile, 0, 1, Dh, Dh, rows, weights, s0, out_t, True)
+        for t in range(T):  # the weights were left unnormalised: one division per output, not per weight
+            inv = np.float32(1.0) / total[t]
+            for d in range(Dh):
+                out[t, h * Dh + d] = out_t[d * L + t] * inv
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
 def silu_mul(gate_up, out):
-    """out = silu(gate) * up, with gate the first F columns of gate_up (T, 2F) and up the rest."""
+    """out = silu(gate) * up, with gate the first F columns of gate_up (T, 2F) and up the rest.
+    sigmoid(g) from e = exp(-|g|): 1 / (1 + e), or e / (1 + e) below 0, in plain arithmetic that
+    vectorises (a libm exp per value was 4% of a Phi-3-mini prefill; numpy's error model drops
+    the zero-division check, whose branch would keep the loop scalar: 1 + e is never 0)."""
     F = out.shape[1]
     for t in range(out.shape[0]):
+        gate, up, act = gate_up[t, :F], gate_up[t, F:], out[t]
         for k in range(F):
-            g = gate_up[t, k]
-            out[t, k] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gate_up[t, F + k]
+            g = gate[k]
+            e = exp_nonpositive(-abs(g))
+            act[k] = g * max(e, np.float32(g >= 0)) / (np.float32(1.0) + e) * up[k]  # max: 1 from 0 on, else e
 
 
 @njit(cache=True)

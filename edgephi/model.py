@@ -22,7 +22,7 @@ from .backend import check_context, check_threads
 from .cpu_cores import idle_cores
 from .errors import ModelFormatError
 from .format import GENERATION_FILE, WEIGHTS_FILE, ModelConfig
-from .forward import ATTENTION_TOKENS, forward, new_scratch, scratch_bytes_per_token
+from .forward import forward, new_scratch, scratch_bytes_per_token
 from .isa import choose_isa
 from .jit_cache import compile_progress, is_cached, use_kernel_cache
 from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
@@ -34,11 +34,12 @@ from .weights import load_transformer
 DEFAULT_KV_BUDGET = 512 << 20  # default context is capped so the KV cache fits in 512 MiB
 PREFILL_CHUNK = 256  # most tokens per prefill step
 # A prefill chunk's activations stay within this, so large models get shorter chunks (Phi-3-mini and
-# Phi-4-mini: 64 tokens, not 43 MB of scratch for 256), but never below 32 tokens. Each chunk
+# Phi-4-mini: 72 tokens, not 40 MB of scratch for 256), but never below 32 tokens. Each chunk
 # unpacks every weight panel once (matmul._matmul_panels): on the Phi-3-mini shape a 256-token
 # prompt prefills at 21, 28, 28 and 33 tok/s in chunks of 32, 64, 128 and 256 tokens.
 PREFILL_SCRATCH_BYTES = 12 << 20
 MIN_PREFILL_CHUNK = 32
+CHUNK_MULTIPLE = 8  # chunks of whole panel tiles (4 tokens on AVX-512, 2 elsewhere)
 
 KERNEL_LOCK = threading.Lock()  # one forward() at a time in the process (see the module docstring)
 
@@ -51,7 +52,7 @@ def kv_arrays(cache: KVCache) -> KvArrays:
 def prefill_chunk_tokens(cfg: ModelConfig) -> int:
     """Tokens per prefill step: as many as PREFILL_SCRATCH_BYTES of activations hold, within bounds."""
     by_scratch = PREFILL_SCRATCH_BYTES // scratch_bytes_per_token(cfg)
-    return min(PREFILL_CHUNK, max(MIN_PREFILL_CHUNK, by_scratch - by_scratch % ATTENTION_TOKENS))
+    return min(PREFILL_CHUNK, max(MIN_PREFILL_CHUNK, by_scratch - by_scratch % CHUNK_MULTIPLE))
 
 
 class NumbaBackend:
@@ -193,7 +194,8 @@ class NumbaBackend:
                 numba.set_num_threads(self.threads)
             try:
                 positions, slots = cache.append(tokens)
-                scratch = self._scratch_for(1 if len(tokens) == 1 else self.prefill_chunk, cache.capacity)
+                one = len(tokens) == 1 and not prompt  # a one-token prompt step needs the lanes of a longer step
+                scratch = self._scratch_for(1 if one else self.prefill_chunk, cache.capacity)
                 run_forward = self._decode_step if tokens is cache.token else forward
                 nonfinite = run_forward(tokens, positions, slots, self.transformer, kv_arrays(cache), scratch, logits,
                                         prompt)

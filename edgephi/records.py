@@ -113,13 +113,13 @@ def activations(tokens: int, width: int) -> Activations:
 class ScratchFields(NamedTuple):
 
     x: np.ndarray  # float32 (T, D): the residual stream
-    xn: np.ndarray  # float32 (T, D): a sublayer's normed input
+    xn: np.ndarray  # float32 (T, D): a sublayer's normed input, then its output before the residual add
     qkv: np.ndarray  # float32 (T, (H + 2 Hk) Dh)
     attn: np.ndarray  # float32 (T, H Dh)
-    tmp: np.ndarray  # float32 (T, D): a sublayer's output before the residual add
     gate_up: np.ndarray  # float32 (T, 2F)
     act: np.ndarray  # float32 (T, F)
-    scores: np.ndarray  # float32 (min(T, ATTENTION_TOKENS) H, C): attention weights
+    scores: np.ndarray  # float32 (ATTENTION_TOKENS H, C), or (H, C) for T = 1: attention weights
+    lanes: np.ndarray  # float32 (H, kernels.lane_scratch_floats(Dh)), or (0, 0) for T = 1: prompt attention's
     quantized: Activations  # (T, max(D, F, H Dh))
 
 

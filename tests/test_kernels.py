@@ -517,11 +517,30 @@ def int8_dequantized(q, scales, Hk, Dh):
     return heads.reshape(q.shape[0], Hk * Dh)
 
 
+ATTENTION_KERNELS = ("decode", "prompt")  # kernels.attention (decode and verify steps), attention_prompt
+
+
+def run_attention(kind, qkv, positions, k, v, k_scale, v_scale, slot_pos, n_slots, window, H, Hk, Dh):
+    """The attention output of one of the two kernels, its scratch filled with NaN beforehand."""
+    C = k.shape[0]
+    out = np.full((qkv.shape[0], H * Dh), np.nan, np.float32)
+    if kind == "decode":
+        scores = np.full((qkv.shape[0] * H, C), np.nan, np.float32)
+        kernels.attention(qkv, positions, k, v, k_scale, v_scale, slot_pos, n_slots, window, H, Hk, Dh, scores, out)
+    else:
+        scores = np.full((kernels.LANE_TOKENS * H, C), np.nan, np.float32)
+        lanes = np.full((H, kernels.lane_scratch_floats(Dh)), np.nan, np.float32)
+        kernels.attention_prompt(qkv, positions, k, v, k_scale, v_scale, slot_pos, n_slots, window, H, Hk, Dh, scores,
+                                 lanes, out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KERNELS)
 @pytest.mark.parametrize("kv_dtype", [np.uint16, np.float32, np.int8])
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("H,Hk", [(4, 2), (4, 4), (6, 1)])
 @pytest.mark.parametrize("Dh", [16, 40, 64])  # below, above and at the 32-column vector chunks
-def test_store_kv_and_attention(kv_dtype, window, H, Hk, Dh):
+def test_store_kv_and_attention(kind, kv_dtype, window, H, Hk, Dh):
     rng = np.random.default_rng(H * 100 + Hk * 10 + window + (kv_dtype == np.uint16) + Dh * 1000)
     C, T = 12, 3
     width = Hk * Dh
@@ -573,10 +592,7 @@ def test_store_kv_and_attention(kv_dtype, window, H, Hk, Dh):
         k_ref, v_ref = k_cache.astype(np.float64), v_cache.astype(np.float64)
     q = qkv[:, :H * Dh].astype(np.float64)
 
-    scores = np.full((T * H, C), np.nan, np.float32)
-    out = np.full((T, H * Dh), np.nan, np.float32)
-    kernels.attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_slots, window, H, Hk, Dh,
-                      scores, out)
+    out = run_attention(kind, qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_slots, window, H, Hk, Dh)
 
     ref = attention_reference(q, k_ref, v_ref, slot_pos, positions, n_slots, window, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5), np.abs(out - ref).max()
@@ -585,7 +601,8 @@ def test_store_kv_and_attention(kv_dtype, window, H, Hk, Dh):
     assert np.allclose(out, sdpa, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_masks_make_a_difference():
+@pytest.mark.parametrize("kind", ATTENTION_KERNELS)
+def test_attention_masks_make_a_difference(kind):
     """Sanity of the setup above: the masked-out slots would change the result if attended to."""
     rng = np.random.default_rng(1)
     H, Hk, Dh = 2, 1, 16
@@ -594,10 +611,8 @@ def test_attention_masks_make_a_difference():
     v = rng.standard_normal((4, Dh)).astype(np.float32) * 10
     qkv = np.concatenate([rng.standard_normal((1, H * Dh)), k[2:3], v[2:3]], axis=1).astype(np.float32)
     positions = np.array([3], np.int64)
-    scores = np.zeros((H, 4), np.float32)
-    out = np.zeros((1, H * Dh), np.float32)
     # position 3 sees slots 0 and 2 (slot 1 holds a later position, slot 3 is empty)
-    kernels.attention(qkv, positions, k, v, no_scales(4), no_scales(4), slot_pos, 4, 0, H, Hk, Dh, scores, out)
+    out = run_attention(kind, qkv, positions, k, v, no_scales(4), no_scales(4), slot_pos, 4, 0, H, Hk, Dh)
     ref = attention_reference(qkv[:, :H * Dh].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                               slot_pos, positions, 4, 0, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -605,7 +620,7 @@ def test_attention_masks_make_a_difference():
                                      v.astype(np.float64), np.array([0, 1, 2, 3]), np.array([9]), 4, 0, H, Hk, Dh)
     assert not np.allclose(out, everything, atol=1e-2)
     # a window of 1 leaves only the query's own slot: the output is exactly its v
-    kernels.attention(qkv, positions, k, v, no_scales(4), no_scales(4), slot_pos, 4, 1, H, Hk, Dh, scores, out)
+    out = run_attention(kind, qkv, positions, k, v, no_scales(4), no_scales(4), slot_pos, 4, 1, H, Hk, Dh)
     assert np.allclose(out.reshape(H, Dh), v[2][None, :], rtol=1e-6, atol=1e-6)
 
 
@@ -626,9 +641,10 @@ def test_exp_nonpositive_matches_numpy():
     assert np.all(got[~live] == 0.0)  # masked attention slots must weigh exactly nothing
 
 
+@pytest.mark.parametrize("kind", ATTENTION_KERNELS)
 @pytest.mark.parametrize("Dh", [16, 64])
 @pytest.mark.parametrize("window", [0, 3])
-def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
+def test_attention_over_ordered_slots_skips_later_positions(kind, Dh, window):
     """Before the ring wraps, slot s holds position s: a prefill chunk's tokens see a prefix of the
     slots (the kernel stops there) and never the chunk's later tokens."""
     rng = np.random.default_rng(Dh + window)
@@ -639,13 +655,48 @@ def test_attention_over_ordered_slots_skips_later_positions(Dh, window):
     k = (rng.standard_normal((C, Hk * Dh)) * 2).astype(np.float32)
     v = rng.standard_normal((C, Hk * Dh)).astype(np.float32)
     qkv = (rng.standard_normal((5, (H + 2 * Hk) * Dh)) * 2).astype(np.float32)
-    scores = np.full((5 * H, C), np.nan, np.float32)
-    out = np.full((5, H * Dh), np.nan, np.float32)
-    kernels.attention(qkv, positions, k, v, no_scales(C), no_scales(C), slot_pos, 10, window, H, Hk, Dh, scores,
-                      out)
+    out = run_attention(kind, qkv, positions, k, v, no_scales(C), no_scales(C), slot_pos, 10, window, H, Hk, Dh)
     ref = attention_reference(qkv[:, :H * Dh].astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                               slot_pos, positions, 10, window, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.uint16, np.int8])
+@pytest.mark.parametrize("H,Hk,Dh,window", [(32, 32, 96, 0), (24, 8, 128, 0), (6, 2, 42, 50)])
+def test_prompt_attention_at_real_shapes_and_the_same_for_a_token_at_any_split(kv_dtype, H, Hk, Dh, window):
+    """attention_prompt on Phi-3-mini's and Phi-4-mini's heads (and a head dim that leaves rows
+    over from the kernel's 4-row tiles) over 140 earlier positions, several tiles of cached rows,
+    against float64 and torch's SDPA; and a token's output has the same bits alone, among the
+    16 of a full call, or in a shorter call: what prefix reuse needs."""
+    rng = np.random.default_rng(H + Dh + window + (kv_dtype == np.int8))
+    start, T = 140, 16
+    C = start + T + 9  # slots past n_slots stay empty
+    slot_pos = np.full(C, -1, np.int64)
+    slot_pos[:start + T] = np.arange(start + T)
+    positions = np.arange(start, start + T, dtype=np.int64)
+    k = (rng.standard_normal((C, Hk * Dh)) * 2).astype(np.float32)
+    v = rng.standard_normal((C, Hk * Dh)).astype(np.float32)
+    if kv_dtype == np.int8:
+        (k_cache, k_scale), (v_cache, v_scale) = int8_rows_twin(k, Hk, Dh), int8_rows_twin(v, Hk, Dh)
+        k_ref, v_ref = int8_dequantized(k_cache, k_scale, Hk, Dh), int8_dequantized(v_cache, v_scale, Hk, Dh)
+    else:
+        k_cache, v_cache = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+        k_scale, v_scale = no_scales(C), no_scales(C)
+        k_ref, v_ref = (c.view(np.float16).astype(np.float64) for c in (k_cache, v_cache))
+    qkv = rng.standard_normal((T, (H + 2 * Hk) * Dh)).astype(np.float32)
+    n_slots = start + T
+    out = run_attention("prompt", qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_slots, window, H,
+                        Hk, Dh)
+    q = qkv[:, :H * Dh].astype(np.float64)
+    ref = attention_reference(q, k_ref, v_ref, slot_pos, positions, n_slots, window, H, Hk, Dh)
+    assert np.allclose(out, ref, rtol=1e-5, atol=1e-5), np.abs(out - ref).max()
+    sdpa = torch_sdpa_reference(q.astype(np.float32), k_ref.astype(np.float32), v_ref.astype(np.float32),
+                                slot_pos, positions, n_slots, window, H, Hk, Dh)
+    assert np.allclose(out, sdpa, rtol=1e-4, atol=1e-4)
+    for t0, t1 in ((0, 1), (3, 4), (5, 12), (15, 16)):
+        part = run_attention("prompt", qkv[t0:t1], positions[t0:t1], k_cache, v_cache, k_scale, v_scale, slot_pos,
+                             n_slots, window, H, Hk, Dh)
+        assert np.array_equal(part.view(np.uint32), out[t0:t1].view(np.uint32)), (t0, t1)
 
 
 @pytest.mark.parametrize("isa", [name for name in RUNNABLE if name != HOST.name])
