@@ -690,13 +690,13 @@ def test_prompt_attention_at_real_shapes_and_the_same_for_a_token_at_any_split(k
     q = qkv[:, :H * Dh].astype(np.float64)
     ref = attention_reference(q, k_ref, v_ref, slot_pos, positions, n_slots, window, H, Hk, Dh)
     assert np.allclose(out, ref, rtol=1e-5, atol=1e-5), np.abs(out - ref).max()
-    sdpa = torch_sdpa_reference(q.astype(np.float32), k_ref.astype(np.float32), v_ref.astype(np.float32),
-                                slot_pos, positions, n_slots, window, H, Hk, Dh)
-    assert np.allclose(out, sdpa, rtol=1e-4, atol=1e-4)
     for t0, t1 in ((0, 1), (3, 4), (5, 12), (15, 16)):
         part = run_attention("prompt", qkv[t0:t1], positions[t0:t1], k_cache, v_cache, k_scale, v_scale, slot_pos,
                              n_slots, window, H, Hk, Dh)
         assert np.array_equal(part.view(np.uint32), out[t0:t1].view(np.uint32)), (t0, t1)
+    sdpa = torch_sdpa_reference(q.astype(np.float32), k_ref.astype(np.float32), v_ref.astype(np.float32),
+                                slot_pos, positions, n_slots, window, H, Hk, Dh)  # skips where torch is missing (Arm)
+    assert np.allclose(out, sdpa, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("isa", [name for name in RUNNABLE if name != HOST.name])
