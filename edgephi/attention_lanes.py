@@ -14,7 +14,7 @@ from .llvm_ir import F32, I8, broadcast, const, counted_loop, prefetch, vec
 
 LANE_TOKENS = 16  # tokens per attention call of a prompt step: one float lane each
 LANE_ROWS = 32  # cached rows widened to float32 at a time (kernels.attention_prompt's tiles)
-PRODUCT_ROWS = 4  # result rows held in registers: 4 x 16 lanes fit AVX2's and NEON's registers too
+PRODUCT_ROWS = 4  # result rows in registers: 4 x 16 lanes fit AVX2's and NEON's too (8 was no faster on Zen 5)
 CONTRACT = ("contract",)  # a * b + c may become one fma, but sums are never reordered
 
 

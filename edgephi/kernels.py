@@ -10,7 +10,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 from .attention_lanes import LANE_ROWS, LANE_TOKENS, lane_products, prefetch_row
 from .attention_rows import ROWS_CHUNK, rows_dot_chunk, weighted_rows_sum
@@ -205,8 +205,8 @@ def attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_sl
                     _axpy(w, v_cache[s, kv + chunked:kv + head_dim], o)
 
 
-@njit(cache=True)
-def lane_scratch_floats(head_dim):
+@register_jitable  # plain Python when new_scratch calls it: a jitted call from Python would load
+def lane_scratch_floats(head_dim):  # another compiled library, 8 MB of resident memory
     """Floats of attention_prompt's scratch per head: q and the output transposed (Dh, LANE_TOKENS),
     a tile of LANE_ROWS widened cache rows, and the softmax's running max and sum per lane."""
     return 2 * LANE_TOKENS * head_dim + LANE_ROWS * head_dim + 2 * LANE_TOKENS
