@@ -42,7 +42,7 @@ def _shared_floats(cfg) -> int:
 
 
 def scratch_bytes_per_token(cfg) -> int:
-    """Scratch bytes that grow with the step's tokens (all but the scores and lanes): Phi-4-mini's 168 KB."""
+    """Scratch bytes that grow with the step's tokens (all but the scores and lanes): Phi-4-mini's 158 KB."""
     D, F, Dh, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
     floats = 2 * D + _shared_floats(cfg)
     widest = max(D, F, H * Dh)
@@ -60,7 +60,7 @@ def forward(tokens, positions, slots, model, cache, scratch, logits, prompt):
     isa, act = model.isa, scratch.quantized
     x, xn, qkv, attn = scratch.x[:T], scratch.xn[:T], scratch.qkv[:T], scratch.attn[:T]
     gate_up, ffn = scratch.gate_up[:T], scratch.act[:T]
-    tmp = xn  # a sublayer's output: its normed input is spent by then, and prefill chunks grow by a fifth
+    tmp = xn  # a sublayer's output: its normed input is spent by then, and prefill chunks get longer
     inv_freq = model.rope.long if cache.long_rope else model.rope.short
     nonfinite = 0
     embed_rows(model.embed, tokens, x)

@@ -139,6 +139,19 @@ def _axpy(w, v, out):
         out[j] += w * widen(v[j])
 
 
+@njit(cache=True, inline="always")
+def _slots_in_order(slot_pos, n_slots):
+    """Whether the used slots hold increasing positions, as until the ring wraps: the slots a token
+    may see are then a prefix, and a prefill token stops there instead of scoring the later ones
+    only to mask them."""
+    if n_slots == 0 or slot_pos[0] < 0:
+        return False
+    for s in range(1, n_slots):
+        if slot_pos[s] <= slot_pos[s - 1]:
+            return False
+    return True
+
+
 @njit(cache=CACHE_PARALLEL, parallel=True, fastmath=True)
 def attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_slots, window, n_heads, n_kv_heads,
               head_dim, scores, out):
@@ -151,13 +164,7 @@ def attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_sl
     T = qkv.shape[0]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    # Until the ring wraps, slots hold increasing positions: the slots a token may see are then a
-    # prefix, and a prefill token stops there instead of scoring the later ones only to mask them.
-    ordered = n_slots > 0 and slot_pos[0] >= 0
-    for s in range(1, n_slots):
-        if slot_pos[s] <= slot_pos[s - 1]:
-            ordered = False
-            break
+    ordered = _slots_in_order(slot_pos, n_slots)
     quantized = k_scale.shape[1] > 0
     per_head = (head_dim + KV_BLOCK - 1) // KV_BLOCK
     for th in prange(T * n_heads):
@@ -246,11 +253,7 @@ def attention_prompt(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_po
         raise ValueError("attention_prompt: the step's tokens exceed its scratch")
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    ordered = n_slots > 0 and slot_pos[0] >= 0
-    for s in range(1, n_slots):
-        if slot_pos[s] <= slot_pos[s - 1]:
-            ordered = False
-            break
+    ordered = _slots_in_order(slot_pos, n_slots)
     lane_pos = np.empty(L, np.int64)
     for lane in range(L):
         lane_pos[lane] = positions[min(lane, T - 1)]
