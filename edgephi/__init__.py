@@ -15,7 +15,7 @@ def load(path, *, threads=None, context=None, kv_dtype="float16", backend=None, 
     kernels' instruction set (see edgephi/isa.py; default $EDGEPHI_ISA, else the fastest the CPU
     runs). threads: this model's steps run on that many threads, whatever other models use
     (default: the cores nothing else keeps busy). kv_dtype: "float16", "float32" or "int8" (a
-    scale per 32 values; the numba backend only: onnxruntime keeps its graph's float32 cache).
+    float16 scale per 16 values; the numba backend only: onnxruntime keeps its graph's float32 cache).
     on_compile: where the kernels are not in the cache yet (a first run, a new edgephi or CPU),
     called as on_compile(functions compiled, seconds) every second while they compile.
     prefix_cache: bytes of prompts' KV kept so that a sequence whose prompt starts as an earlier

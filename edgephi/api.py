@@ -60,10 +60,10 @@ class LanguageModel:
     def kv_bytes(self, context: int | None = None) -> int:
         """Bytes of one sequence's KV cache when full (the numba backend maps pages only as tokens
         fill them): context x layers x 2 (K, V) x kv heads x (head dim x bytes per value, and for int8
-        a float32 scale per block of 32)."""
+        a float16 scale per block of KV_BLOCK)."""
         cfg = self.config
         per_head = {"float16": 2 * cfg.head_dim, "float32": 4 * cfg.head_dim,
-                    "int8": cfg.head_dim + 4 * -(-cfg.head_dim // 32)}[self.kv_dtype]
+                    "int8": cfg.head_dim + 2 * -(-cfg.head_dim // KV_BLOCK)}[self.kv_dtype]
         return (self.context if context is None else context) * cfg.num_layers * 2 * cfg.num_kv_heads * per_head
 
     def prompt_ids(self, prompt, special_tokens: bool = False) -> list[int]:

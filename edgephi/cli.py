@@ -158,7 +158,7 @@ def sampling_options(fn):
         click.option("--threads", type=int, default=None, help="CPU threads [default: the cores nothing else keeps busy]"),
         click.option("--context", type=int, default=None, help="KV ring capacity in tokens"),
         click.option("--kv-dtype", type=click.Choice(["float16", "int8", "float32"]), default="float16",
-                     show_default=True, help="KV cache values: int8 (a scale per 32 values) takes 0.56 of float16's "
+                     show_default=True, help="KV cache values: int8 (a scale per 16 values) takes 0.56 of float16's "
                      "memory, for long contexts on small boards"),
         click.option("--backend", type=click.Choice(["numba", "onnxruntime"]), default=None,
                      help="[default: onnxruntime for a folder from export-onnx, else numba]"),

@@ -31,7 +31,7 @@ def widen(value):
 
 
 def narrow(value, like):
-    """A float32 value in the element type of the cache `like` (int8: already scaled to +-127)."""
+    """A float32 value in the element type of the float cache `like` (float16 bits or float32)."""
 
 
 @overload(widen)
@@ -47,6 +47,4 @@ def _widen(value):
 def _narrow(value, like):
     if like.dtype == types.uint16:
         return lambda value, like: f32_to_f16(value)
-    if like.dtype == types.int8:
-        return lambda value, like: np.int8(max(np.float32(-127.0), min(np.float32(127.0), round(value))))
     return lambda value, like: value

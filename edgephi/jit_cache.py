@@ -35,7 +35,7 @@ from .user_cache import kernel_cache_root
 
 # Every module whose source shapes compiled kernel code: jitted functions, IR emitters, records.
 KERNEL_MODULES = ("isa", "isa_ops", "llvm_ir", "block_codecs", "row_dot", "gemm_tile", "attention_rows", "attention_lanes", "float16",
-                  "records", "quant", "matmul", "kernels", "kv_cache", "forward", "weights")
+                  "records", "quant", "matmul", "kernels", "kv_cache", "kv_int8", "forward", "weights")
 
 _configured: Path | None = None
 _lock = threading.Lock()

@@ -14,8 +14,9 @@ from numba.extending import intrinsic, register_jitable
 
 from .attention_lanes import LANE_ROWS, LANE_TOKENS, lane_products, prefetch_row
 from .attention_rows import ROWS_CHUNK, rows_dot_chunk, weighted_rows_sum
+from .float16 import f16_to_f32, narrow, widen
 from .kv_cache import KV_BLOCK
-from .float16 import narrow, widen
+from .kv_int8 import store_int8_heads
 from .llvm_ir import call_intrinsic
 from .matmul import CACHE_PARALLEL
 
@@ -57,39 +58,21 @@ def rope(qkv, positions, inv_freq, attention_factor, n_heads, n_kv_heads, head_d
 @njit(cache=True)
 def store_kv(qkv, slots, k_cache, v_cache, k_scale, v_scale, n_heads, n_kv_heads, head_dim):
     """Write the new tokens' k and v into cache slots. k_cache (C, Hk * Dh) f16 bits, float32, or
-    int8: then each block of KV_BLOCK values of a head's row (the last may be shorter) is scaled
-    to its largest magnitude / 127, the scale kept in k_scale (C, Hk * ceil(Dh / KV_BLOCK)) (float
-    caches pass scales of shape (C, 0))."""
+    int8: then each block of KV_BLOCK values of a head's row (the last may be shorter) is rounded
+    at its own scale (kv_int8.store_int8_heads), whose float16 bits go to k_scale (C, Hk *
+    ceil(Dh / KV_BLOCK)) (float caches pass scales of shape (C, 0))."""
     q_width = n_heads * head_dim
     kv_width = n_kv_heads * head_dim
     quantized = k_scale.shape[1] > 0
-    per_head = (head_dim + KV_BLOCK - 1) // KV_BLOCK
     for t in range(qkv.shape[0]):
         s = slots[t]
         if quantized:
-            for h in range(n_kv_heads):
-                for b in range(per_head):
-                    j0 = h * head_dim + b * KV_BLOCK
-                    j1 = min(j0 + KV_BLOCK, (h + 1) * head_dim)
-                    k_scale[s, h * per_head + b] = _to_int8(qkv[t, q_width + j0:q_width + j1], k_cache[s, j0:j1])
-                    v_scale[s, h * per_head + b] = _to_int8(qkv[t, q_width + kv_width + j0:q_width + kv_width + j1],
-                                                            v_cache[s, j0:j1])
+            store_int8_heads(qkv[t], q_width, n_kv_heads, head_dim, k_cache[s], k_scale[s])
+            store_int8_heads(qkv[t], q_width + kv_width, n_kv_heads, head_dim, v_cache[s], v_scale[s])
         else:
             for j in range(kv_width):
                 k_cache[s, j] = narrow(qkv[t, q_width + j], k_cache)
                 v_cache[s, j] = narrow(qkv[t, q_width + kv_width + j], v_cache)
-
-
-@njit(cache=True, inline="always")
-def _to_int8(values, out):
-    """out = round(values / scale) with scale = max |values| / 127 (0 for zeros); returns scale."""
-    amax = np.float32(0.0)
-    for j in range(values.shape[0]):
-        amax = max(amax, abs(values[j]))
-    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-    for j in range(values.shape[0]):
-        out[j] = narrow(values[j] * inv, out)
-    return amax / np.float32(127.0)
 
 
 @intrinsic
@@ -188,8 +171,14 @@ def attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_sl
             else:
                 if chunked < head_dim:
                     partial = row[s] if chunked > 0 else np.float32(0.0)
-                    tail = _dot(q[chunked:], k_cache[s, kv + chunked:kv + head_dim])
-                    row[s] = partial + (tail * k_scale[s, kh * per_head + per_head - 1] if quantized else tail)
+                    if quantized:
+                        for b0 in range(chunked, head_dim, KV_BLOCK):
+                            b1 = min(b0 + KV_BLOCK, head_dim)
+                            partial += _dot(q[b0:b1], k_cache[s, kv + b0:kv + b1]) * \
+                                f16_to_f32(k_scale[s, kh * per_head + b0 // KV_BLOCK])
+                        row[s] = partial
+                    else:
+                        row[s] = partial + _dot(q[chunked:], k_cache[s, kv + chunked:kv + head_dim])
                 row[s] *= scale
                 best = max(best, row[s])
         total = np.float32(0.0)
@@ -208,8 +197,13 @@ def attention(qkv, positions, k_cache, v_cache, k_scale, v_scale, slot_pos, n_sl
             o[:] = 0.0
             for s in range(n):
                 if row[s] != 0.0:
-                    w = row[s] * v_scale[s, kh * per_head + per_head - 1] if quantized else row[s]
-                    _axpy(w, v_cache[s, kv + chunked:kv + head_dim], o)
+                    if quantized:
+                        for b0 in range(chunked, head_dim, KV_BLOCK):
+                            b1 = min(b0 + KV_BLOCK, head_dim)
+                            w = row[s] * f16_to_f32(v_scale[s, kh * per_head + b0 // KV_BLOCK])
+                            _axpy(w, v_cache[s, kv + b0:kv + b1], o[b0 - chunked:b1 - chunked])
+                    else:
+                        _axpy(row[s], v_cache[s, kv + chunked:kv + head_dim], o)
 
 
 @register_jitable  # plain Python when new_scratch calls it: a jitted call from Python would load
@@ -221,8 +215,8 @@ def lane_scratch_floats(head_dim):  # another compiled library, 8 MB of resident
 
 @njit(cache=True, inline="always")
 def _widen_rows(cache, scales, s0, rows, col, width, block0, tile):
-    """tile[r * width + j] = cache[s0 + r, col + j] as float32 (an int8 cache's times its block scale
-    scales[s0 + r, block0 + j // KV_BLOCK]): the values the dequantized cache holds."""
+    """tile[r * width + j] = cache[s0 + r, col + j] as float32 (an int8 cache's times its block scale,
+    the float16 bits scales[s0 + r, block0 + j // KV_BLOCK]): the values the dequantized cache holds."""
     quantized = scales.shape[1] > 0
     for r in range(rows):
         if s0 + r + LANE_ROWS < cache.shape[0]:  # the next tile's row
@@ -231,7 +225,7 @@ def _widen_rows(cache, scales, s0, rows, col, width, block0, tile):
         dst = tile[r * width:(r + 1) * width]
         if quantized:
             for b0 in range(0, width, KV_BLOCK):
-                scale = scales[s0 + r, block0 + b0 // KV_BLOCK]
+                scale = f16_to_f32(scales[s0 + r, block0 + b0 // KV_BLOCK])
                 for j in range(b0, min(width, b0 + KV_BLOCK)):
                     dst[j] = widen(src[j]) * scale
         else:

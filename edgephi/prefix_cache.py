@@ -26,7 +26,7 @@ class PrefixEntry:
     tokens: np.ndarray  # int64 (n,)
     k: np.ndarray  # (L, n, Hk Dh), the cache's element type
     v: np.ndarray
-    k_scale: np.ndarray  # float32 (L, n, Hk ceil(Dh / 32)); (L, n, 0) for float caches
+    k_scale: np.ndarray  # uint16 (L, n, Hk ceil(Dh / 16)): float16 bits; (L, n, 0) for float caches
     v_scale: np.ndarray
     long_rope: bool  # which LongRoPE factors its keys were rotated with
 

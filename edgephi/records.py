@@ -87,8 +87,8 @@ class KvArrays(NamedTuple):
 
     k: np.ndarray  # (L, C, Hk Dh): float16 bits (uint16), float32 or int8
     v: np.ndarray  # (L, C, Hk Dh)
-    k_scale: np.ndarray  # float32 (L, C, Hk ceil(Dh / 32)): an int8 cache's block scales; (L, C, 0) otherwise
-    v_scale: np.ndarray  # float32 (L, C, Hk ceil(Dh / 32))
+    k_scale: np.ndarray  # uint16 (L, C, Hk ceil(Dh / 16)): float16 bits of an int8 cache's block scales; (L, C, 0) otherwise
+    v_scale: np.ndarray  # uint16 (L, C, Hk ceil(Dh / 16))
     slot_pos: np.ndarray  # int64 (C,): absolute position each slot holds, -1 if none
     n_slots: int  # slots in use
     long_rope: bool  # keys are rotated with LongRoPE's long factors

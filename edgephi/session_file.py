@@ -27,7 +27,7 @@ from .safetensors_io import SafetensorsFile
 from .user_cache import cache_root
 
 SESSION_FORMAT = "edgephi-session"
-SESSION_VERSION = 1
+SESSION_VERSION = 2  # 2: an int8 KV's scales are float16 per 16 values (version 1: float32 per 32)
 RING_FIELDS = ("capacity", "sinks", "keep", "next_pos", "lost_below", "exact_end")  # KVCache counters saved
 KV_ARRAYS = ("k", "v", "k_scale", "v_scale")
 
@@ -133,8 +133,12 @@ def read_session(path: str | Path, *, identity: str, kernels: str, kv_dtype: str
     meta = file.metadata
     if meta.get("format") != SESSION_FORMAT:
         refuse("not an edgephi session file")
-    if meta.get("version") != str(SESSION_VERSION):
-        refuse(f"session file version {brief(meta.get('version'))}; this edgephi reads version {SESSION_VERSION}")
+    version = meta.get("version")
+    if version == "1" and meta.get("kv_dtype") == "int8":
+        refuse("session file version 1 holds an int8 KV cache in the old blocks of 32, which this edgephi "
+               "no longer reads; start a new session")
+    if version not in ("1", str(SESSION_VERSION)):  # version 1's float caches are as version 2's
+        refuse(f"session file version {brief(version)}; this edgephi reads versions 1 and {SESSION_VERSION}")
     if meta.get("model") != identity:
         refuse("saved with another model (its config or weights differ from this one's); "
                "resume it with the model that saved it, or start a new session")
@@ -166,7 +170,7 @@ def read_session(path: str | Path, *, identity: str, kernels: str, kv_dtype: str
     n, capacity = len(slots), ring["capacity"]
     element = {"float16": np.uint16, "float32": np.float32, "int8": np.int8}[kv_dtype]
     shapes = {"k": ((layers, n, kv_width), element), "v": ((layers, n, kv_width), element),
-              "k_scale": ((layers, n, kv_blocks), np.float32), "v_scale": ((layers, n, kv_blocks), np.float32)}
+              "k_scale": ((layers, n, kv_blocks), np.uint16), "v_scale": ((layers, n, kv_blocks), np.uint16)}
     kv = {}
     for name in KV_ARRAYS:
         shape, dtype = shapes[name]

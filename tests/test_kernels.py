@@ -483,38 +483,75 @@ def torch_sdpa_reference(q, k, v, slot_pos, positions, n_slots, window, H, Hk, D
 
 def no_scales(C):
     """The scales a float KV cache passes: none."""
-    return np.zeros((C, 0), np.float32)
+    return np.zeros((C, 0), np.uint16)
 
 
 def int8_blocks(Dh):
-    """The blocks of 32 an int8 cache scales a head's row by (the last may be shorter)."""
-    return [(b, min(b + 32, Dh)) for b in range(0, Dh, 32)]
+    """The blocks of 16 an int8 cache scales a head's row by (the last may be shorter)."""
+    return [(b, min(b + 16, Dh)) for b in range(0, Dh, 16)]
+
+
+def int8_candidates(amax):
+    """The scales an int8 block may take, as float16: its largest magnitude / 127.5, / 127, ... / 120."""
+    return np.stack([(amax / np.float32(127.5 - 0.5 * c)).astype(np.float16) for c in range(16)], axis=-1)
+
+
+def int8_round(part, scale):
+    """part times 1 / scale (both float32, as the cache computes them) rounded half to even into -127..127."""
+    inv = np.float32(1.0) / np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    return np.where(scale > 0, np.clip(np.round(part * inv), -127, 127), 0).astype(np.int8)
 
 
 def int8_rows_twin(x, Hk, Dh):
-    """numpy's int8 KV rows: each block of 32 of a head's row over its largest magnitude / 127,
-    rounded half to even; (int8 (C, Hk Dh), float32 scales (C, Hk * blocks per head))."""
+    """numpy's int8 KV rows: each block of 16 of a head's row at whichever candidate scale
+    (int8_candidates) gives the least squared error, in float64, rounded half to even;
+    (int8 (C, Hk Dh), float16 bits of the scales (C, Hk * blocks per head))."""
     heads = x.astype(np.float32).reshape(x.shape[0], Hk, Dh)
     q = np.zeros(heads.shape, np.int8)
     scales = []
     for h in range(Hk):
         for b0, b1 in int8_blocks(Dh):
             part = heads[:, h, b0:b1]
-            amax = np.abs(part).max(axis=1)
-            inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-            q[:, h, b0:b1] = np.clip(np.round(part * inv[:, None]), -127, 127)
-            scales.append((amax / np.float32(127.0)).astype(np.float32))
+            tries = int8_candidates(np.abs(part).max(axis=1)).astype(np.float32)  # (C, 16)
+            errs = [int8_block_error(part, tries[:, c]) for c in range(tries.shape[1])]
+            scale = tries[np.arange(len(part)), np.argmin(np.stack(errs, axis=1), axis=1)]
+            q[:, h, b0:b1] = int8_round(part, scale[:, None])
+            scales.append(scale.astype(np.float16).view(np.uint16))
     return q.reshape(x.shape[0], Hk * Dh), np.stack(scales, axis=1)
 
 
+def int8_block_error(part, scale):
+    """Squared error (float64) of each row of blocks `part` rounded at its `scale`; inf for a zero scale."""
+    err = ((part - int8_round(part, scale[:, None]).astype(np.float64) * scale[:, None]) ** 2).sum(axis=1)
+    return np.where(scale > 0, err, np.inf)
+
+
 def int8_dequantized(q, scales, Hk, Dh):
-    """What an int8 cache holds, in float64: each block's integers times its scale."""
+    """What an int8 cache holds, in float64: each block's integers times its (float16) scale."""
     heads = q.astype(np.float64).reshape(q.shape[0], Hk, Dh)
     blocks = int8_blocks(Dh)
     for h in range(Hk):
         for i, (b0, b1) in enumerate(blocks):
-            heads[:, h, b0:b1] *= scales[:, h * len(blocks) + i, None]
+            heads[:, h, b0:b1] *= scales[:, h * len(blocks) + i, None].view(np.float16).astype(np.float64)
     return heads.reshape(q.shape[0], Hk * Dh)
+
+
+def check_int8_rows(x, q, scales, Hk, Dh):
+    """That int8 rows q with float16 scales hold x: each block's scale is one of its candidates and
+    errs least among them (within float32's summing, which may tip a near tie either way), and
+    its integers are x / scale rounded."""
+    heads, ints = x.astype(np.float32).reshape(len(x), Hk, Dh), q.reshape(len(x), Hk, Dh)
+    blocks = int8_blocks(Dh)
+    for h in range(Hk):
+        for i, (b0, b1) in enumerate(blocks):
+            part = heads[:, h, b0:b1]
+            scale = scales[:, h * len(blocks) + i].view(np.float16).astype(np.float32)
+            tries = int8_candidates(np.abs(part).max(axis=1)).astype(np.float32)
+            assert np.all((tries == scale[:, None]).any(axis=1) | (tries.max(axis=1) == 0))
+            best = np.min([int8_block_error(part, tries[:, c]) for c in range(tries.shape[1])], axis=0)
+            err = np.where(scale > 0, int8_block_error(part, scale), 0.0)
+            assert np.all(err <= best * (1 + 1e-5) + 1e-30)
+            assert np.array_equal(ints[:, h, b0:b1], int8_round(part, scale[:, None]))
 
 
 ATTENTION_KERNELS = ("decode", "prompt")  # kernels.attention (decode and verify steps), attention_prompt
@@ -535,11 +572,37 @@ def run_attention(kind, qkv, positions, k, v, k_scale, v_scale, slot_pos, n_slot
     return out
 
 
+@pytest.mark.parametrize("Dh", [32, 40])  # whole blocks of 16, and a short last block
+def test_int8_kv_blocks_of_zeros_tiny_and_huge_values(Dh):
+    """Blocks a float16 scale cannot hold: zeros and values below 1e-5 give scale 0 and zeros; a
+    block past float16's range (scale > 65504) does not come back as finite numbers, as a float16
+    cache's would not."""
+    H, Hk = 1, 1
+    rng = np.random.default_rng(Dh)
+    qkv = np.zeros((4, (H + 2 * Hk) * Dh), np.float32)
+    k = qkv[:, H * Dh:(H + 1) * Dh]
+    k[1] = rng.standard_normal(Dh) * 1e-7  # tiny
+    k[2] = rng.standard_normal(Dh) * 1e8  # huge
+    k[3] = rng.standard_normal(Dh)
+    k[3, :16] = 0.0  # one block of zeros in an ordinary row
+    cache, other = np.full((4, Dh), 99, np.int8), np.zeros((4, Dh), np.int8)
+    scales, other_scales = np.full((4, -(-Dh // 16)), 7, np.uint16), np.zeros((4, -(-Dh // 16)), np.uint16)
+    kernels.store_kv(qkv, np.arange(4, dtype=np.int64), cache, other, scales, other_scales, H, Hk, Dh)
+    with np.errstate(invalid="ignore"):  # 0 times an infinite scale
+        held = int8_dequantized(cache, scales, Hk, Dh)
+    assert np.all(scales[0] == 0) and np.all(cache[0] == 0) and np.all(held[0] == 0)
+    assert np.all(scales[1] == 0) and np.all(cache[1] == 0)
+    assert not np.isfinite(held[2]).any()
+    assert scales[3, 0] == 0 and np.all(cache[3, :16] == 0)
+    check_int8_rows(k[3:, 16:], cache[3:, 16:], scales[3:, 1:], Hk, Dh - 16)
+    assert np.abs(held[3] - k[3]).max() <= np.abs(k[3]).max() / 200
+
+
 @pytest.mark.parametrize("kind", ATTENTION_KERNELS)
 @pytest.mark.parametrize("kv_dtype", [np.uint16, np.float32, np.int8])
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("H,Hk", [(4, 2), (4, 4), (6, 1)])
-@pytest.mark.parametrize("Dh", [16, 40, 64])  # below, above and at the 32-column vector chunks
+@pytest.mark.parametrize("Dh", [16, 56, 64])  # below, above (by one int8 block and a half) and at the 32-column chunks
 def test_store_kv_and_attention(kind, kv_dtype, window, H, Hk, Dh):
     rng = np.random.default_rng(H * 100 + Hk * 10 + window + (kv_dtype == np.uint16) + Dh * 1000)
     C, T = 12, 3
@@ -570,11 +633,8 @@ def test_store_kv_and_attention(kind, kv_dtype, window, H, Hk, Dh):
     if kv_dtype == np.uint16:
         want_k, want_v = new_k.astype(np.float16).view(np.uint16), new_v.astype(np.float16).view(np.uint16)
     elif kv_dtype == np.int8:
-        (want_k, want_ks), (want_v, want_vs) = int8_rows_twin(new_k, Hk, Dh), int8_rows_twin(new_v, Hk, Dh)
-        # fastmath may round x * (127 / amax) either way at a half
-        assert np.abs(k_cache[slots].astype(int) - want_k).max() <= 1
-        assert np.abs(v_cache[slots].astype(int) - want_v).max() <= 1
-        assert np.allclose(k_scale[slots], want_ks, rtol=1e-6) and np.allclose(v_scale[slots], want_vs, rtol=1e-6)
+        for new, cache, scales in ((new_k, k_cache, k_scale), (new_v, v_cache, v_scale)):
+            check_int8_rows(new, cache[slots], scales[slots], Hk, Dh)
         want_k, want_v = k_cache[slots], v_cache[slots]
     else:
         want_k, want_v = new_k, new_v

@@ -1,10 +1,11 @@
-"""The int8 KV cache (kv_dtype="int8": a float32 scale per 32 values, as llama.cpp's q8_0 cache,
-0.56 of float16's memory) on Phi's real attention shapes over 2048 tokens, against a float32
-cache. Measured: 0.98e-2 (Phi-3-mini's heads) and 1.03e-2 (Phi-4-mini's) of the logits' largest
-magnitude, against 4e-4 for float16: int8's rounding of each value (up to 1/254 of its block's
-largest) carries into attention's output at about that share. The bound below (1.25e-2) guards
-that; #15 asked for 1e-2, which this scheme meets only at the edge, so float16 stays the default.
-The kernels' exactness against the dequantized cache is tests/test_kernels.py's."""
+"""The int8 KV cache (kv_dtype="int8": a float16 scale per 16 values, the same bytes as llama.cpp's
+q8_0 cache, 0.56 of float16's) on Phi's real attention shapes over 2048 tokens, against a float32
+cache. Measured: 7.5e-3 (Phi-3-mini's heads) and 8.8e-3 (Phi-4-mini's) of the logits' largest
+magnitude, against 4e-4 for float16. Before, with q8_0's own layout (a float32 scale per 32
+values, largest magnitude / 127), they were 0.98e-2 and 1.03e-2: each value's rounding carries
+into attention's output at about its share of the block's largest, and halving the blocks and
+trying 16 scales per block (kv_int8.py) cut that by a quarter. #15 asks for 1e-2. The kernels'
+exactness against the dequantized cache is tests/test_kernels.py's."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_int8_kv_logits_stay_within_a_percent_of_float32(phi_shaped):
     err_int8 = rel_err(logits["int8"][late], logits["float32"][late])
     err_f16 = rel_err(logits["float16"][late], logits["float32"][late])
     print(f"{phi_shaped.parent.name}: int8 KV {err_int8:.2e}, float16 KV {err_f16:.2e} relative to float32 KV")
-    assert err_int8 < 1.25e-2
+    assert err_int8 < 1e-2
     assert err_int8 > err_f16  # the comparison sees the cache: int8 rounds far more than float16
 
 
@@ -63,6 +64,6 @@ def test_int8_kv_bytes_are_values_and_block_scales(phi_shaped):
     int8 = edgephi.load(phi_shaped, context=256, kv_dtype="int8")
     cfg = f16.config
     assert f16.kv_bytes() == 256 * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-    assert int8.kv_bytes() == 256 * cfg.num_layers * 2 * cfg.num_kv_heads * (cfg.head_dim + 4 * cfg.head_dim // 32)
+    assert int8.kv_bytes() == 256 * cfg.num_layers * 2 * cfg.num_kv_heads * (cfg.head_dim + 2 * cfg.head_dim // 16)
     sequence = int8.sequence()
     assert sequence.cache.nbytes == int8.kv_bytes()

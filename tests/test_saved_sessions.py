@@ -133,6 +133,21 @@ def test_bad_session_files_are_one_line_errors_and_stay_untouched(model, folders
         other_model.chat_session(resume=tmp_path / "good.session")
 
 
+def test_version_1_files_resume_unless_they_hold_the_old_int8_kv(model, folders, tmp_path):
+    """Version 2 changed only the int8 KV's layout (float16 scales per 16 values, were float32 per
+    32): a version-1 file of a float cache resumes as before, a version-1 int8 one is refused."""
+    old_float = tmp_path / "float.session"
+    old_float.write_bytes(rewrite_metadata(saved(model, tmp_path / "f.session"), lambda m: m.update(version="1")))
+    assert model.chat_session(resume=old_float, max_new_tokens=3).messages[0]["content"] == "hello"
+    int8_model = edgephi.load(folders[0], context=512, kv_dtype="int8")
+    old_int8 = tmp_path / "int8.session"
+    data = rewrite_metadata(saved(int8_model, tmp_path / "i.session"), lambda m: m.update(version="1"))
+    old_int8.write_bytes(data)
+    with pytest.raises(SessionFileError, match="version 1 holds an int8 KV cache in the old blocks of 32"):
+        int8_model.chat_session(resume=old_int8)
+    assert old_int8.read_bytes() == data
+
+
 def test_hostile_slots_and_ids_are_refused(model, tmp_path):
     """Arrays that would place slots outside the ring or ids outside the vocabulary."""
     from safetensors.numpy import load_file, save_file

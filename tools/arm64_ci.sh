@@ -93,7 +93,7 @@ tar -C "$TREE" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' -cf -
 inside cortex-a72 /bin/sh -c "cd /src && pip install -q --only-binary=:all: --no-build-isolation -e . >/dev/null"
 
 # --- 1. kernel exactness, the host ISA of each CPU (the twins are numpy: no torch needed)
-KERNEL_TESTS="exact_on_int16 or gguf_formats_exact or activation or linear_matches or twin_is_ggufs or prompt_steps or prompt_attention or attention_masks or ordered_slots"
+KERNEL_TESTS="exact_on_int16 or gguf_formats_exact or activation or linear_matches or twin_is_ggufs or prompt_steps or prompt_attention or attention_masks or ordered_slots or int8_kv_blocks"
 for pair in cortex-a72:neon cortex-a76:neon-dotprod; do
   cpu=${pair%%:*} isa=${pair#*:}
   say "kernel tests as $cpu ($isa)"
