@@ -17,7 +17,7 @@ from .chat import ChatSession
 from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_tokens, check_stop, text_stream,
                        token_stream)
 from .errors import EdgephiError
-from .kv_cache import DEFAULT_SINKS, KV_BLOCK
+from .kv_cache import DEFAULT_SINKS, KV_BLOCK, kv_slot_bytes
 from .messages import check_messages
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
@@ -61,10 +61,7 @@ class LanguageModel:
         """Bytes of one sequence's KV cache when full (the numba backend maps pages only as tokens
         fill them): context x layers x 2 (K, V) x kv heads x (head dim x bytes per value, and for int8
         a float16 scale per block of KV_BLOCK)."""
-        cfg = self.config
-        per_head = {"float16": 2 * cfg.head_dim, "float32": 4 * cfg.head_dim,
-                    "int8": cfg.head_dim + 2 * -(-cfg.head_dim // KV_BLOCK)}[self.kv_dtype]
-        return (self.context if context is None else context) * cfg.num_layers * 2 * cfg.num_kv_heads * per_head
+        return (self.context if context is None else context) * kv_slot_bytes(self.config, self.kv_dtype)
 
     def prompt_ids(self, prompt, special_tokens: bool = False) -> list[int]:
         """Token ids of a prompt (text or ids), with BOS when the model wants one. An empty prompt

@@ -83,7 +83,8 @@ class ChatSession:
             self.sequence.reset()
 
     def close(self) -> None:
-        """Free the KV cache; the session cannot be used afterwards."""
+        """Give up the KV cache (to the model's ring pool, for the next session); the session cannot
+        be used afterwards."""
         with self._between_turns():
             self.sequence = None
 

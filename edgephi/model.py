@@ -26,9 +26,10 @@ from .forward import forward, new_scratch, scratch_bytes_per_token
 from .isa import choose_isa
 from .jit_cache import compile_progress, is_cached, use_kernel_cache
 from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
-from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache
+from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache, copy_first_rows, kv_slot_bytes
 from .model_folder import ModelFolder, read_model_folder
 from .records import KvArrays, Scratch
+from .ring_pool import RingPool
 from .weights import load_transformer
 
 DEFAULT_KV_BUDGET = 512 << 20  # default context is capped so the KV cache fits in 512 MiB
@@ -81,6 +82,8 @@ class NumbaBackend:
         with numba_without_scipy_linalg():  # the typed list of the layers is numba's first dispatch
             self.transformer = load_transformer(self.folder, cfg, self.isa)
         self.prefill_chunk = prefill_chunk_tokens(cfg)
+        # ended sequences' rings, mapped, for the next ones: up to one full ring of the model's context
+        self.ring_pool = RingPool(self.context * kv_slot_bytes(cfg, kv_dtype))
         self._scratch: dict[int, Scratch] = {}  # tokens per step -> scratch; used under KERNEL_LOCK
         started = time.perf_counter()
         self._load_kernels(on_compile)
@@ -106,7 +109,7 @@ class NumbaBackend:
         return total + size(embed) // rows
 
     def new_cache(self, capacity: int, sinks: int = DEFAULT_SINKS) -> SequenceCache:
-        return SequenceCache(self.config, capacity, sinks, self.kv_dtype)
+        return SequenceCache(self.config, capacity, sinks, self.kv_dtype, self.ring_pool)
 
     def feed(self, cache: SequenceCache, tokens: np.ndarray, all_logits: bool, verify: bool = False) -> np.ndarray:
         """Append checked tokens (int64 (T,)) in chunks; logits (T, V), or cache.logits (1, V) of the last.
@@ -174,6 +177,8 @@ class NumbaBackend:
                 self._decode_step = forward.compile(signature)
         else:
             self._decode_step = forward.compile(signature)
+        for rows in (cache.k, cache.k_scale):  # loaded now, not at a second session's first token
+            copy_first_rows(rows, np.empty_like(rows), 1)
         release_compiler_pages()
 
     def _scratch_for(self, tokens: int, capacity: int) -> Scratch:
@@ -213,7 +218,7 @@ class NumbaBackend:
 class SequenceCache(KVCache):
     """A sequence's KV ring and the two rows its steps reuse, so decoding a token allocates nothing."""
 
-    def __init__(self, cfg: ModelConfig, capacity: int, sinks: int, dtype: str):
-        super().__init__(cfg, capacity, sinks=sinks, dtype=dtype)
+    def __init__(self, cfg: ModelConfig, capacity: int, sinks: int, dtype: str, pool: RingPool | None = None):
+        super().__init__(cfg, capacity, sinks=sinks, dtype=dtype, pool=pool)
         self.logits = np.zeros((1, cfg.vocab_size), np.float32)  # (1, V): the result of every step
         self.token = np.zeros(1, np.int64)  # (1,): the token a decode step feeds
