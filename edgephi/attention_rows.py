@@ -87,8 +87,8 @@ def _block_sums(builder, blocks):
             v, run = blocks[0], n // CHUNK_BLOCKS
             order = [r * run + i for r in range(CHUNK_BLOCKS) for i in range(run // 2)]
             later = [r * run + run // 2 + i for r in range(CHUNK_BLOCKS) for i in range(run // 2)]
-            blocks = [builder.fadd(builder.shuffle_vector(v, v, lanes(order)), builder.shuffle_vector(v, v, lanes(later)),
-                                   flags=FAST)]
+            first, second = builder.shuffle_vector(v, v, lanes(order)), builder.shuffle_vector(v, v, lanes(later))
+            blocks = [builder.fadd(first, second, flags=FAST)]
     return blocks[0]
 
 
@@ -182,8 +182,8 @@ def rows_dot_chunk(typingctx, q, q_col, n_rows, rows, col, scales, scale_col, ou
                 b = _block_of(g) if kind == "i8" else 0
                 blocks[b] = prod if blocks[b] is None else builder.fadd(blocks[b], prod, flags=FAST)
             if kind == "i8":  # each block's sum times its scale
-                dot = reduce_sum(builder, builder.fmul(_block_sums(builder, blocks), _row_scales(builder, sa, s, scale_col),
-                                                       flags=FAST))
+                scales = _row_scales(builder, sa, s, scale_col)
+                dot = reduce_sum(builder, builder.fmul(_block_sums(builder, blocks), scales, flags=FAST))
             else:
                 dot = reduce_sum(builder, blocks[0])
             op = builder.gep(obase, [s])
