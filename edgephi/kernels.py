@@ -317,3 +317,14 @@ def add_into(x, y):
     for t in range(x.shape[0]):
         for k in range(x.shape[1]):
             x[t, k] += y[t, k]
+
+
+@njit(cache=True, parallel=True)
+def copy_first_rows(source, target, n):
+    """target[l, :n] = source[l, :n] for every layer l (3-D arrays of one dtype), the layers shared
+    among the threads. Copying a prefix into a new ring is mostly the kernel mapping its pages,
+    and the threads map them side by side: the numba workers, still spinning after the last step,
+    would otherwise only take the core from the copy (a 1,000-token Phi-3-mini prefix, 400 MB:
+    0.6 s by one thread just after a reply, 0.12 s with the workers asleep)."""
+    for layer in prange(source.shape[0]):
+        target[layer, :n] = source[layer, :n]

@@ -7,7 +7,6 @@ import mmap
 import weakref
 
 import numpy as np
-from numba import njit, prange
 
 from .format import ModelConfig
 from .ring_pool import RingMemory, RingPool
@@ -18,17 +17,6 @@ KV_DTYPES = ("float16", "float32", "int8")
 # float32 would do, so the bytes are the same (0.56 of float16's) and the rounding errs 20-30% less
 KV_BLOCK = 16
 KV_SCALE_TRIES = 16  # candidate scales per block, largest magnitude / 127.5 .. / 120 (store_kv)
-
-
-@njit(cache=True, parallel=True)
-def copy_first_rows(source, target, n):
-    """target[l, :n] = source[l, :n] for every layer l (3-D arrays of one dtype), the layers shared
-    among the threads. Copying a prefix into a new ring is mostly the kernel mapping its pages,
-    and the threads map them side by side: the numba workers, still spinning after the last step,
-    would otherwise only take the core from the copy (a 1,000-token Phi-3-mini prefix, 400 MB:
-    0.6 s by one thread just after a reply, 0.12 s with the workers asleep)."""
-    for layer in prange(source.shape[0]):
-        target[layer, :n] = source[layer, :n]
 
 
 def kv_slot_bytes(cfg: ModelConfig, dtype: str) -> int:
@@ -167,11 +155,17 @@ class KVCache:
         self._note_written(n)
         for target, source in zip((self.k, self.v, self.k_scale, self.v_scale), (k, v, k_scale, v_scale)):
             if target.shape[2]:
-                copy_first_rows(source, target, n)
+                self._copy_first_rows(source, target, n)
         self.slot_pos[:n] = np.arange(n)
         self.slot_token[:n] = tokens
         self.next_pos = self.exact_end = n
         self.long_rope = long_rope
+
+    @staticmethod
+    def _copy_first_rows(source, target, n: int) -> None:
+        # numpy here: this module is numba-free, as the ONNX backend reads its constants
+        # (SequenceCache copies with the kernel threads)
+        target[:, :n] = source[:, :n]
 
     def note_prompt_step(self, first: int) -> None:
         """A prompt step wrote positions [first, next_pos): it extends the exact run if it continues

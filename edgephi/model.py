@@ -26,7 +26,8 @@ from .forward import forward, new_scratch, scratch_bytes_per_token
 from .isa import choose_isa
 from .jit_cache import compile_progress, is_cached, use_kernel_cache
 from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
-from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache, copy_first_rows, kv_slot_bytes
+from .kernels import copy_first_rows
+from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache, kv_slot_bytes
 from .model_folder import ModelFolder, read_model_folder
 from .records import KvArrays, Scratch
 from .ring_pool import RingPool
@@ -217,6 +218,8 @@ class NumbaBackend:
 
 class SequenceCache(KVCache):
     """A sequence's KV ring and the two rows its steps reuse, so decoding a token allocates nothing."""
+
+    _copy_first_rows = staticmethod(copy_first_rows)
 
     def __init__(self, cfg: ModelConfig, capacity: int, sinks: int, dtype: str, pool: RingPool | None = None):
         super().__init__(cfg, capacity, sinks=sinks, dtype=dtype, pool=pool)
