@@ -411,3 +411,45 @@ def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json, 
                    f"{r.read_gb_s:.1f} GB/s here, so decode runs at {r.bandwidth_fraction:.0%} of the bandwidth bound")
     if as_json:
         click.echo(json.dumps(r.as_dict()))
+
+
+@main.command()
+@click.option("-m", "--model", "model_path", default=None, help="An edgephi model folder [default: the default model]")
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A UTF-8 text file, at least two chunks long")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk; the second half is scored")
+@click.option("--chunks", type=int, default=None, help="Score only the first N chunks [default: all]")
+@click.option("--kl-base", "base_path", default=None, type=click.Path(path_type=str),
+              help="A reference model folder (say, the float model): adds KL divergence, PPL ratio, RMS Δp and "
+              "the same-top-1 rate of MODEL against it, on the same tokens")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: the cores nothing else keeps busy]")
+@click.option("--kv-dtype", type=click.Choice(["float16", "int8", "float32"]), default="float16", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Also print the figures as one JSON object on the last line")
+@user_errors
+def perplexity(model_path, text_file, ctx, chunks, base_path, threads, kv_dtype, as_json):
+    """Perplexity on a text by llama-perplexity's method (non-overlapping chunks, second halves scored,
+    BOS first where the vocabulary adds one), and with --kl-base the KL divergence from a reference."""
+    import json
+
+    from .perplexity import evaluate, read_text
+
+    text = read_text(text_file)
+    folder = model_folder(model_path)
+    model = open_model(folder, threads, ctx, kv_dtype=kv_dtype)
+    base = open_model(base_path, threads, ctx, kv_dtype=kv_dtype) if base_path is not None else None
+    bar = ProgressBar("perplexity")
+    r = evaluate(model, text, ctx=ctx, chunks=chunks, base=base, name=str(text_file), model_name=str(folder),
+                 base_name=str(base_path), on_chunk=lambda done, total, ppl: bar(done, total, f"PPL {ppl:.4f}"))
+    click.echo(f"model {folder}: {r.chunks} chunks of {r.ctx} tokens ({r.text_tokens} in the text), "
+               f"{r.scored_tokens} scored")
+    click.echo(f"  PPL              {r.ppl:10.4f} ± {r.ppl_err:.4f}")
+    if r.kl is not None:
+        k = r.kl
+        click.echo(f"  PPL(base)        {k.base_ppl:10.4f} ± {k.base_ppl_err:.4f}   ({base_path})")
+        click.echo(f"  PPL / PPL(base)  {k.ppl_ratio:10.6f} ± {k.ppl_ratio_err:.6f}")
+        click.echo(f"  mean KL          {k.kl_mean:10.6f} ± {k.kl_err:.6f} nats   median {k.kl_median:.6f}, "
+                   f"99% {k.kl_p99:.6f}, max {k.kl_max:.6f}")
+        click.echo(f"  RMS Δp           {100 * k.rms_dp:9.3f}% ± {100 * k.rms_dp_err:.3f}%")
+        click.echo(f"  same top-1       {100 * k.same_top1:9.3f}% ± {100 * k.same_top1_err:.3f}%")
+    if as_json:
+        click.echo(json.dumps(r.as_dict()))
