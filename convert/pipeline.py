@@ -16,9 +16,10 @@ from edgephi import models
 from edgephi.errors import EdgephiError
 from edgephi.quant import FORMATS, QUANTIZABLE, QuantFormat, check_finite, dequantize, plane_key, plane_layout
 
+from .calibrate import CALIBRATION_CHUNKS, ActivationStats, activation_stats, calibration_chunks
 from .gguf_source import GGUFModel
 from .hf_source import HFCheckpoint
-from .quantize import can_quantize, quantize
+from .quantize import can_quantize, importance_weights, quantize, quantize_weighted
 from .safetensors_writer import SafetensorsWriter
 from .staging import check_target, staged_folder
 from .tensors import SourceTensor
@@ -39,6 +40,10 @@ class TensorReport:
     lossless: bool
     _err2: float = 0.0
     _ref2: float = 0.0
+    # calibrated: the same, weighted by each column's importance, for round-to-nearest and as written
+    _rtn_werr2: float = 0.0
+    _werr2: float = 0.0
+    _wref2: float = 0.0
 
 
 @dataclass
@@ -48,6 +53,18 @@ class Report:
     bytes_on_disk: int = 0
     seconds: float = 0.0
     tensors: list[TensorReport] = field(default_factory=list)
+
+    calibration_tokens: int = 0
+
+    def weighted_by_kind(self) -> dict[str, tuple[float, float]]:
+        """kind -> (round-to-nearest's, the written) importance-weighted relative error, for the
+        kinds quantized by importance (calibrated conversions)."""
+        groups: dict[str, list[TensorReport]] = {}
+        for t in self.tensors:
+            if t._wref2:
+                groups.setdefault(t.name.rsplit(".", 1)[-1], []).append(t)
+        return {kind: tuple((sum(getattr(t, a) for t in ts) / sum(t._wref2 for t in ts)) ** 0.5
+                            for a in ("_rtn_werr2", "_werr2")) for kind, ts in groups.items()}
 
     def by_kind(self) -> dict[str, tuple[str, float, bool]]:
         """kind -> (formats, error over all its tensors, all lossless)."""
@@ -101,17 +118,24 @@ def _generation(source, tokenizer, preset=None) -> dict:
 
 
 def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", embed_quant: str | None = None,
-            force: bool = False, preset: str | None = None,
+            force: bool = False, preset: str | None = None, calibrate: str | Path | None = None,
+            calibrate_chunks: int = CALIBRATION_CHUNKS,
             progress: Callable[[int, int, str], None] | None = None) -> Report:
     """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats
     (a Hugging Face checkpoint then gets the preset's recommended quant, else q4_0). preset: a name
-    from edgephi.models (presets.json) whose chat template and stop tokens go into generation.json."""
+    from edgephi.models (presets.json) whose chat template and stop tokens go into generation.json.
+    calibrate: a UTF-8 text file; the source model runs on it in float32, and q4_0/q4_1 blocks are
+    then chosen by the importance of each input column (calibrate.py, quantize.quantize_weighted),
+    from at most `calibrate_chunks` chunks of 512 tokens."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     for q in (quant, embed_quant):
         if q is not None and q not in QUANTIZABLE:
             raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(QUANTIZABLE)})")
     check_target(out, force, src)
+    text = _calibration_text(calibrate) if calibrate is not None else None
+    if isinstance(calibrate_chunks, bool) or not isinstance(calibrate_chunks, int) or calibrate_chunks < 1:
+        raise EdgephiError(f"calibrate_chunks must be a positive integer, got {calibrate_chunks!r}")
     known = models.presets()
     if preset is not None and preset not in known:
         raise EdgephiError(f"unknown preset {preset!r} (known: {', '.join(known)})")
@@ -140,13 +164,43 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
 
     report = Report(out)
     with staged_folder(out, check=lambda: check_target(out, force, src)) as tmp:
-        _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress, str(src))
-        (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
         tokenizer.save(tmp)
+        stats = None
+        if text is not None:
+            stats = _calibrate(config, tensors, text, calibrate_chunks, tmp, generation, progress, str(calibrate))
+            report.calibration_tokens = stats.tokens
+        _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress, str(src), stats)
+        (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
         (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(generation, indent=1) + "\n")
     report.bytes_on_disk = sum(p.stat().st_size for p in out.iterdir())
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _calibration_text(path) -> str:
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgephiError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise EdgephiError(f"{path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise EdgephiError(f"{path}: the calibration text is empty")
+    return text
+
+
+def _calibrate(config, tensors: list[SourceTensor], text: str, chunks: int, folder: Path, generation: dict,
+               progress, where: str) -> ActivationStats:
+    """The linear layers' input statistics on `text`, tokenized by the tokenizer just written to `folder`."""
+    from edgephi.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_folder(folder).encode(text)
+    bos = generation.get("bos_token_id") if generation.get("add_bos_token") else None
+    if len(ids) < 64:
+        raise EdgephiError(f"{where}: the calibration text is only {len(ids)} tokens; give it at least 64")
+    return activation_stats(config, {t.name: t for t in tensors}, calibration_chunks(ids, bos, chunks=chunks),
+                            progress)
 
 
 def _matrix_names(tensors: list[SourceTensor]) -> set[str]:
@@ -158,7 +212,7 @@ def _logical_shape(t: SourceTensor, matrices: set[str]) -> tuple[int, ...]:
 
 
 def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, QuantFormat], report: Report,
-                   progress, where: str) -> None:
+                   progress, where: str, stats: ActivationStats | None = None) -> None:
     matrices = _matrix_names(tensors)
     entries = []
     for t in tensors:
@@ -176,6 +230,7 @@ def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, Q
                                0.0, lossless=stored is not None and stored.name == f.name and not f.is_float)
             rows, cols = t.shape
             step = max(1, CHUNK_ELEMENTS // cols)
+            importance = stats.importance(t.name) if stats is not None and f.name in ("q4_0", "q4_1") else None
             for start in range(0, rows, step):
                 stop = min(rows, start + step)
                 if rep.lossless:
@@ -185,10 +240,16 @@ def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, Q
                     if not np.isfinite(ref).all():
                         row = start + int(np.nonzero(~np.isfinite(ref).all(axis=-1))[0][0])
                         raise EdgephiError(f"{where}: tensor {t.origin} holds NaN or Inf (row {row})")
-                    planes = quantize(ref, f)
+                    planes = quantize(ref, f) if importance is None else quantize_weighted(ref, f, importance)
                     back = dequantize(planes, f).astype(np.float64)
                     rep._err2 += float(np.sum((back - ref) ** 2))
                     rep._ref2 += float(np.sum(ref.astype(np.float64) ** 2))
+                    if importance is not None:
+                        w = importance_weights(ref, importance).reshape(ref.shape).astype(np.float64)
+                        rtn = dequantize(quantize(ref, f), f).astype(np.float64)
+                        rep._rtn_werr2 += float(np.sum(w * (rtn - ref) ** 2))
+                        rep._werr2 += float(np.sum(w * (back - ref) ** 2))
+                        rep._wref2 += float(np.sum(w * ref.astype(np.float64) ** 2))
                 # a finite source can still overflow float16 scales (a block whose largest value is 1e7)
                 check_finite(where, t.origin, planes)
                 for plane, arr in planes.items():

@@ -88,6 +88,12 @@ def print_conversion_report(report) -> None:
     for kind, (formats, err, lossless) in report.by_kind().items():
         shown = "0 (copied bit for bit)" if lossless else "0 (exact)" if err == 0 else f"{err:.2e}"
         click.echo(f"  {kind:<12} {formats:<10} {shown}")
+    weighted = report.weighted_by_kind()
+    if weighted:
+        click.echo(f"  calibrated on {report.calibration_tokens} tokens; error weighted by each input's mean square:")
+        click.echo(f"  {'tensor kind':<12} {'nearest':>10} {'calibrated':>11}")
+        for kind, (rtn, calibrated) in weighted.items():
+            click.echo(f"  {kind:<12} {rtn:10.3e} {calibrated:11.3e}  ({calibrated / rtn:.2f}x)")
 
 
 @main.command()
@@ -100,13 +106,18 @@ def print_conversion_report(report) -> None:
 @click.option("--preset", default=None, help="A model family from presets.json (edgephi.models): its chat template, "
               "stop tokens and recommended quant")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists")
+@click.option("--calibrate", "calibration_text", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="A UTF-8 text: run the float model on it and choose q4_0/q4_1 blocks by the importance of "
+              "each input (the files stay ordinary q4_0/q4_1)")
+@click.option("--calibrate-chunks", type=int, default=64, show_default=True,
+              help="Chunks of 512 tokens of the calibration text to run")
 @user_errors
-def convert(src, out, quant, embed_quant, preset, force):
+def convert(src, out, quant, embed_quant, preset, force, calibration_text, calibrate_chunks):
     """Convert a Hugging Face checkpoint folder or a GGUF file SRC into the edgephi model folder OUT."""
     run = converter("pipeline").convert  # the runtime never needs the converter's modules
 
     report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, preset=preset,
-                 progress=ProgressBar("converting"))
+                 calibrate=calibration_text, calibrate_chunks=calibrate_chunks, progress=ProgressBar("converting"))
     print_conversion_report(report)
 
 

@@ -1,0 +1,163 @@
+"""Calibration statistics against transformers: the sums of squared inputs of every linear layer,
+collected by hooks on transformers' own modules running the same chunks, for every Phi feature."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgephi.convert.calibrate import activation_stats, calibration_chunks
+from edgephi.convert.pipeline import open_source
+from tests.fixtures import VARIANTS, random_ids
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# edgephi's linear -> transformers' module (the first one, for Llama's q/k/v and gate/up: same input)
+MODULES = {"qkv": ("self_attn.qkv_proj", "self_attn.q_proj"), "o": ("self_attn.o_proj",),
+           "gate_up": ("mlp.gate_up_proj", "mlp.gate_proj"), "down": ("mlp.down_proj",)}
+
+
+def transformers_sums(src, chunks: np.ndarray) -> dict[str, np.ndarray]:
+    """llama.cpp's imatrix statistic by its definition: per input column, the sum over every token of
+    every chunk of the squared input, taken from the inputs transformers' modules receive."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    sums: dict[str, torch.Tensor] = {}
+    names = {}
+    for name, module in model.named_modules():
+        for kind, candidates in MODULES.items():
+            for candidate in candidates:
+                if name.endswith(candidate) and ".layers." in f".{name}":
+                    layer = int(name.split("layers.")[1].split(".")[0])
+                    names.setdefault(f"layers.{layer}.{kind}", module)
+    names["output"] = model.lm_head
+
+    def hook(key):
+        def collect(_module, inputs):
+            x = inputs[0].detach().double()
+            sums[key] = sums.get(key, 0) + (x * x).reshape(-1, x.shape[-1]).sum(0)
+        return collect
+
+    for key, module in names.items():
+        module.register_forward_pre_hook(hook(key))
+    with torch.no_grad():
+        for chunk in chunks:
+            model(torch.tensor(chunk[None]))
+    return {k: v.numpy() for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_activation_sums_equal_transformers(checkpoint_factory, variant):
+    src = checkpoint_factory(variant, "float32")
+    source = open_source(src)
+    # 40 tokens: past LongRoPE's switch at 32 and the sliding window of 8
+    chunks = calibration_chunks(random_ids(3 * 40, seed=1), None, ctx=40, chunks=3)
+    assert chunks.shape == (3, 40)
+    stats = activation_stats(source.config, {t.name: t for t in source.tensors()}, chunks)
+    expected = transformers_sums(src, chunks)
+    assert stats.tokens == 120
+    assert set(expected) <= set(stats.sum_x2)
+    for name, sums in expected.items():
+        np.testing.assert_allclose(stats.sum_x2[name], sums, rtol=2e-4, err_msg=name)
+
+
+# -- quantizing by importance ---------------------------------------------------------------------
+
+def _weighted_errors(x, planes, fmt, importance):
+    """Per-block importance-weighted squared error, with the weights the quantizer minimises."""
+    from edgephi.convert.quantize import importance_weights
+    from edgephi.quant import dequantize
+
+    w = importance_weights(x, importance).reshape(x.shape).astype(np.float64)
+    return (w * (dequantize(planes, fmt).astype(np.float64) - x) ** 2).reshape(-1, 32).sum(1)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("spread", [0.0, 1.5])  # uniform importance, and columns e^N(0, 1.5^2) apart
+def test_weighted_blocks_never_lose_to_round_to_nearest_and_stay_ordinary_gguf_blocks(name, spread):
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants as gguf_quants
+
+    from edgephi.convert.gguf_blocks import planes_to_gguf_blocks
+    from edgephi.convert.quantize import quantize, quantize_weighted
+    from edgephi.quant import FORMATS, dequantize
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_t(4, (96, 512)) * 0.02).astype(np.float32)  # heavy tails, as trained weights
+    x[5, :32] = 0  # an all-zero block
+    importance = np.exp(rng.standard_normal(512) * spread).astype(np.float32)
+    fmt = FORMATS[name]
+    ours, nearest = quantize_weighted(x, fmt, importance), quantize(x, fmt)
+    e_ours, e_nearest = _weighted_errors(x, ours, fmt, importance), _weighted_errors(x, nearest, fmt, importance)
+    assert np.all(e_ours <= e_nearest * (1 + 1e-6) + 1e-30)
+    # measured 0.92 / 0.79 (uniform), 0.71 / 0.49 (spread) for q4_0 / q4_1
+    bound = {("q4_0", 0.0): 0.95, ("q4_1", 0.0): 0.85, ("q4_0", 1.5): 0.8, ("q4_1", 1.5): 0.6}[name, spread]
+    assert e_ours.sum() < bound * e_nearest.sum()
+    assert np.all(dequantize(ours, fmt)[5, :32] == 0)
+    # llama.cpp's reference dequantizer (gguf-py) reads the same values from the blocks
+    blocks = planes_to_gguf_blocks(ours, fmt)
+    assert np.array_equal(gguf_quants.dequantize(blocks, getattr(T, name.upper())), dequantize(ours, fmt))
+
+
+@pytest.fixture(scope="module")
+def calibration_file() -> Path:
+    from tests import texts
+
+    return texts.calibration_text()
+
+
+@pytest.mark.integration
+def test_calibrated_conversion_is_deterministic_and_closer_to_the_float_model(smollm2_gguf, tmp_path, pride_text,
+                                                                              calibration_file):
+    import edgephi
+    from edgephi.convert import convert
+    from edgephi.perplexity import evaluate
+
+    outs = {}
+    for name, calibrate in (("nearest", None), ("calibrated", calibration_file), ("again", calibration_file),
+                            ("f32", None)):
+        quant = "f32" if name == "f32" else "q4_0"
+        outs[name] = tmp_path / name
+        report = convert(smollm2_gguf, outs[name], quant=quant, embed_quant="q8_0", calibrate=calibrate,
+                         calibrate_chunks=2)
+        if calibrate is not None:
+            assert report.calibration_tokens == 1024
+            weighted = report.weighted_by_kind()
+            assert set(weighted) == {"qkv", "o", "gate_up", "down"}
+            assert all(calibrated < 0.9 * nearest for nearest, calibrated in weighted.values())
+    same = [(outs["calibrated"] / f).read_bytes() == (outs["again"] / f).read_bytes()
+            for f in ("weights.safetensors", "config.json")]
+    assert all(same)
+    base = edgephi.load(outs["f32"], kv_dtype="float32")
+    kl = {name: evaluate(edgephi.load(outs[name]), pride_text, ctx=256, chunks=4, base=base).kl.kl_mean
+          for name in ("nearest", "calibrated")}
+    assert kl["calibrated"] < 0.8 * kl["nearest"], kl
+
+
+@pytest.fixture(scope="module")
+def pride_text() -> str:
+    from tests import texts
+
+    return texts.evaluation_text().read_text(encoding="utf-8")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["empty", "not utf-8", "missing", "too short", "chunks"])
+def test_bad_calibration_input_is_one_line_and_writes_nothing(case, checkpoint_factory, tmp_path):
+    from tests.test_convert_errors import assert_refused, run_convert
+
+    src = checkpoint_factory("phi3_basic", tokenizer=True)
+    text = tmp_path / "calibration.txt"
+    text.write_bytes({"empty": b"  \n", "not utf-8": b"Sense and \xff\xfe", "too short": b"Sense and Sensibility",
+                      "missing": b"", "chunks": b"Sense and Sensibility. " * 100}[case])
+    if case == "missing":
+        text.unlink()
+    out = tmp_path / "dest" / "model"
+    out.parent.mkdir()
+    args = [src, out, "--quant", "q4_0", "--calibrate", text]
+    if case == "chunks":
+        args += ["--calibrate-chunks", 0]
+    res = run_convert(args)
+    says = {"empty": "empty", "not utf-8": "not UTF-8", "missing": "No such file", "too short": "at least 64",
+            "chunks": "positive integer"}[case]
+    assert_refused(res, src, out, [] if case == "chunks" else [text], says)
