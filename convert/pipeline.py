@@ -16,9 +16,10 @@ from edgephi import models
 from edgephi.errors import EdgephiError
 from edgephi.quant import FORMATS, QUANTIZABLE, QuantFormat, check_finite, dequantize, plane_key, plane_layout
 
-from .calibrate import CALIBRATION_CHUNKS, ActivationStats, activation_stats, calibration_chunks
+from .calibrate import CALIBRATION_CHUNKS, CALIBRATION_CTX, ActivationStats, activation_stats, calibration_chunks
 from .gguf_source import GGUFModel
 from .hf_source import HFCheckpoint
+from .imatrix import write_imatrix
 from .quantize import can_quantize, importance_weights, quantize, quantize_weighted
 from .safetensors_writer import SafetensorsWriter
 from .staging import check_target, staged_folder
@@ -119,20 +120,23 @@ def _generation(source, tokenizer, preset=None) -> dict:
 
 def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", embed_quant: str | None = None,
             force: bool = False, preset: str | None = None, calibrate: str | Path | None = None,
-            calibrate_chunks: int = CALIBRATION_CHUNKS,
+            calibrate_chunks: int = CALIBRATION_CHUNKS, save_imatrix: str | Path | None = None,
             progress: Callable[[int, int, str], None] | None = None) -> Report:
     """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats
     (a Hugging Face checkpoint then gets the preset's recommended quant, else q4_0). preset: a name
     from edgephi.models (presets.json) whose chat template and stop tokens go into generation.json.
     calibrate: a UTF-8 text file; the source model runs on it in float32, and q4_0/q4_1 blocks are
     then chosen by the importance of each input column (calibrate.py, quantize.quantize_weighted),
-    from at most `calibrate_chunks` chunks of 512 tokens."""
+    from at most `calibrate_chunks` chunks of 512 tokens. save_imatrix: also write the statistics as
+    llama.cpp's importance matrix (for `llama-quantize --imatrix`)."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     for q in (quant, embed_quant):
         if q is not None and q not in QUANTIZABLE:
             raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(QUANTIZABLE)})")
     check_target(out, force, src)
+    if save_imatrix is not None and calibrate is None:
+        raise EdgephiError("saving an importance matrix needs a calibration text (--calibrate)")
     text = _calibration_text(calibrate) if calibrate is not None else None
     if isinstance(calibrate_chunks, bool) or not isinstance(calibrate_chunks, int) or calibrate_chunks < 1:
         raise EdgephiError(f"calibrate_chunks must be a positive integer, got {calibrate_chunks!r}")
@@ -169,6 +173,9 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
         if text is not None:
             stats = _calibrate(config, tensors, text, calibrate_chunks, tmp, generation, progress, str(calibrate))
             report.calibration_tokens = stats.tokens
+            if save_imatrix is not None:
+                write_imatrix(save_imatrix, config, stats, Path(calibrate).name, stats.tokens // CALIBRATION_CTX,
+                              CALIBRATION_CTX)
         _write_weights(tmp / fmt_.WEIGHTS_FILE, tensors, formats, report, progress, str(src), stats)
         (tmp / fmt_.CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=1) + "\n")
         (tmp / fmt_.GENERATION_FILE).write_text(json.dumps(generation, indent=1) + "\n")

@@ -111,13 +111,16 @@ def print_conversion_report(report) -> None:
               "each input (the files stay ordinary q4_0/q4_1)")
 @click.option("--calibrate-chunks", type=int, default=64, show_default=True,
               help="Chunks of 512 tokens of the calibration text to run")
+@click.option("--save-imatrix", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the calibration statistics as llama.cpp's importance matrix (llama-quantize --imatrix)")
 @user_errors
-def convert(src, out, quant, embed_quant, preset, force, calibration_text, calibrate_chunks):
+def convert(src, out, quant, embed_quant, preset, force, calibration_text, calibrate_chunks, save_imatrix):
     """Convert a Hugging Face checkpoint folder or a GGUF file SRC into the edgephi model folder OUT."""
     run = converter("pipeline").convert  # the runtime never needs the converter's modules
 
     report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, preset=preset,
-                 calibrate=calibration_text, calibrate_chunks=calibrate_chunks, progress=ProgressBar("converting"))
+                 calibrate=calibration_text, calibrate_chunks=calibrate_chunks,
+                 save_imatrix=save_imatrix, progress=ProgressBar("converting"))
     print_conversion_report(report)
 
 

@@ -161,3 +161,56 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(case, checkpoint_f
     says = {"empty": "empty", "not utf-8": "not UTF-8", "missing": "No such file", "too short": "at least 64",
             "chunks": "positive integer"}[case]
     assert_refused(res, src, out, [] if case == "chunks" else [text], says)
+
+
+def test_importance_matrix_file_is_what_llama_cpp_reads(smollm2_gguf, tmp_path):
+    """The .imatrix GGUF read by gguf-py (llama.cpp's own Python reader): llama-imatrix's names, shapes
+    and metadata; then handed to llama.cpp's quantizer as llama-quantize --imatrix hands it."""
+    import ctypes
+
+    from gguf import GGUFReader
+
+    from edgephi.convert.calibrate import ActivationStats
+    from edgephi.convert.imatrix import read_imatrix, write_imatrix
+
+    source = open_source(smollm2_gguf)
+    cfg = source.config
+    rng = np.random.default_rng(0)
+    sums = {f"layers.{i}.{kind}": rng.random(cfg.intermediate_size if kind == "down" else cfg.hidden_size) * 100
+            for i in range(cfg.num_layers) for kind in ("qkv", "o", "gate_up", "down")}
+    stats = ActivationStats({**sums, "output": np.ones(cfg.hidden_size)}, 1024)
+    path = tmp_path / "model.imatrix"
+    write_imatrix(path, cfg, stats, "calibration.txt", 2, 512)
+    reader = GGUFReader(str(path))
+    fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    assert fields == {"general.type": "imatrix", "imatrix.datasets": ["calibration.txt"],
+                      "imatrix.chunk_count": 2, "imatrix.chunk_size": 512}
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    # llama (SmolLM2): q, k and v share qkv's input, gate and up gate_up's; output.weight is left out
+    assert len(tensors) == 2 * 7 * cfg.num_layers and "output.weight.in_sum2" not in tensors
+    for kind, gguf_names in {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",),
+                             "gate_up": ("ffn_gate", "ffn_up"), "down": ("ffn_down",)}.items():
+        for gguf_name in gguf_names:
+            np.testing.assert_array_equal(tensors[f"blk.3.{gguf_name}.weight.in_sum2"],
+                                          sums[f"layers.3.{kind}"].astype(np.float32))
+            assert tensors[f"blk.3.{gguf_name}.weight.counts"].tolist() == [1024]
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    importance = read_imatrix(path)
+    entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+    keep = []
+    for i, (name, values) in enumerate(sorted(importance.items())):
+        keep += [np.ascontiguousarray(values, np.float32), name.encode()]
+        entries[i].name, entries[i].size = keep[-1], len(values)
+        entries[i].data = keep[-2].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    quantized = {}
+    for with_imatrix in (False, True):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = 2, True, 2  # Q4_0 from SmolLM2's Q4_1
+        if with_imatrix:
+            params.imatrix = entries
+        out = tmp_path / f"q4_0-{with_imatrix}.gguf"
+        assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        quantized[with_imatrix] = {t.name: bytes(t.data) for t in GGUFReader(str(out)).tensors}
+    # the importance changed llama.cpp's blocks: it was read
+    assert quantized[True]["blk.5.attn_q.weight"] != quantized[False]["blk.5.attn_q.weight"]
