@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgephi.errors import EdgephiError
 from edgephi.format import ModelConfig, source_parts
 
 from .calibrate import ActivationStats
@@ -61,6 +62,32 @@ def write_imatrix(path: str | Path, cfg: ModelConfig, stats: ActivationStats, da
 def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
     """GGUF weight name -> the importance llama-quantize hands its quantizer: in_sum2 / counts."""
     f = GGUFFile(path)
-    arrays = {name: f.float_array(name).reshape(-1) for name in f.tensors}
+    arrays = {name: f.float_array(name).reshape(-1) for name in f.tensors if name.endswith((".in_sum2", ".counts"))}
+    missing = [name for name in arrays if name.endswith(".in_sum2")
+               and name.removesuffix(".in_sum2") + ".counts" not in arrays]
+    if missing:
+        raise EdgephiError(f"{path}: {missing[0]} has no .counts beside it")
     return {name.removesuffix(".in_sum2"): sums / arrays[name.removesuffix(".in_sum2") + ".counts"][0]
             for name, sums in arrays.items() if name.endswith(".in_sum2")}
+
+
+def stats_from_imatrix(cfg: ModelConfig, path: str | Path) -> ActivationStats:
+    """ActivationStats (as mean squares over one token) from an importance-matrix file, for the linears
+    it covers: a stacked tensor takes the mean of its parts' entries (q, k and v see the same input)."""
+    importance = read_imatrix(path)
+    if not any(name.startswith("blk.") for name in importance):
+        raise EdgephiError(f"{path}: no importance-matrix entries for transformer blocks")
+    sums = {}
+    for layer in range(cfg.num_layers):
+        for kind in ("qkv", "o", "gate_up", "down"):
+            name = f"layers.{layer}.{kind}"
+            parts = [importance.get(gguf_name) for _, gguf_name, _ in source_parts(cfg, name)]
+            parts = [p for p in parts if p is not None]
+            if not parts:
+                continue
+            width = (cfg.intermediate_size if kind == "down" else cfg.num_heads * cfg.head_dim if kind == "o"
+                     else cfg.hidden_size)
+            if any(len(p) != width for p in parts):
+                raise EdgephiError(f"{path}: the importance of {name} has {len(parts[0])} columns, the model {width}")
+            sums[name] = np.mean(parts, axis=0).astype(np.float64)
+    return ActivationStats(sums, 1)

@@ -19,8 +19,9 @@ from edgephi.quant import FORMATS, QUANTIZABLE, QuantFormat, check_finite, dequa
 from .calibrate import CALIBRATION_CHUNKS, CALIBRATION_CTX, ActivationStats, activation_stats, calibration_chunks
 from .gguf_source import GGUFModel
 from .hf_source import HFCheckpoint
-from .imatrix import write_imatrix
+from .imatrix import stats_from_imatrix, write_imatrix
 from .quantize import can_quantize, importance_weights, quantize, quantize_weighted
+from .recipes import DEFAULT_RECIPE, parse_recipe, recipe_format
 from .safetensors_writer import SafetensorsWriter
 from .staging import check_target, staged_folder
 from .tensors import SourceTensor
@@ -56,6 +57,7 @@ class Report:
     tensors: list[TensorReport] = field(default_factory=list)
 
     calibration_tokens: int = 0
+    importance_source: str = ""  # what the importance came from, for the report
 
     def weighted_by_kind(self) -> dict[str, tuple[float, float]]:
         """kind -> (round-to-nearest's, the written) importance-weighted relative error, for the
@@ -92,11 +94,12 @@ def open_source(src: Path):
     return GGUFModel(src)
 
 
-def target_format(t: SourceTensor, quant: str | None, embed_quant: str | None) -> QuantFormat:
+def target_format(t: SourceTensor, quant: str | None, embed_quant: str | None,
+                  recipe: list[tuple[str, str]] | None = None) -> QuantFormat:
     kind = t.name.rsplit(".", 1)[-1]
     if kind not in LINEAR_KINDS + EMBED_KINDS:
         return FORMATS["f32"]  # norms stay float
-    name = quant if kind in LINEAR_KINDS else embed_quant
+    name = (recipe_format(recipe, t.name) if recipe else None) or (quant if kind in LINEAR_KINDS else embed_quant)
     if name is None:  # keep what the source holds (GGUF import)
         return t.stored_format or FORMATS["f16"]
     f = FORMATS[name]
@@ -121,6 +124,7 @@ def _generation(source, tokenizer, preset=None) -> dict:
 def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", embed_quant: str | None = None,
             force: bool = False, preset: str | None = None, calibrate: str | Path | None = None,
             calibrate_chunks: int = CALIBRATION_CHUNKS, save_imatrix: str | Path | None = None,
+            recipe: str | None = None, imatrix: str | Path | None = None,
             progress: Callable[[int, int, str], None] | None = None) -> Report:
     """Convert `src` into the model folder `out`. quant/embed_quant None keeps a GGUF's own formats
     (a Hugging Face checkpoint then gets the preset's recommended quant, else q4_0). preset: a name
@@ -128,16 +132,22 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
     calibrate: a UTF-8 text file; the source model runs on it in float32, and q4_0/q4_1 blocks are
     then chosen by the importance of each input column (calibrate.py, quantize.quantize_weighted),
     from at most `calibrate_chunks` chunks of 512 tokens. save_imatrix: also write the statistics as
-    llama.cpp's importance matrix (for `llama-quantize --imatrix`)."""
+    llama.cpp's importance matrix (for `llama-quantize --imatrix`). recipe: per-tensor formats by name
+    (recipes.py), over quant/embed_quant for the tensors its rules match. imatrix: take the importance
+    from an importance-matrix file (llama-imatrix's, or --save-imatrix's) instead of a calibration run."""
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     for q in (quant, embed_quant):
         if q is not None and q not in QUANTIZABLE:
             raise EdgephiError(f"unknown quant format {q!r} (choose from {', '.join(QUANTIZABLE)})")
     check_target(out, force, src)
+    if imatrix is not None and calibrate is not None:
+        raise EdgephiError("give either a calibration text or an importance matrix, not both")
     if save_imatrix is not None and calibrate is None:
         raise EdgephiError("saving an importance matrix needs a calibration text (--calibrate)")
     text = _calibration_text(calibrate) if calibrate is not None else None
+    if recipe is None and quant is None and (calibrate is not None or imatrix is not None):
+        recipe = DEFAULT_RECIPE
     if isinstance(calibrate_chunks, bool) or not isinstance(calibrate_chunks, int) or calibrate_chunks < 1:
         raise EdgephiError(f"calibrate_chunks must be a positive integer, got {calibrate_chunks!r}")
     known = models.presets()
@@ -151,7 +161,8 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
         embed_quant = "q8_0"
     tokenizer = source.tokenizer()
     tensors = list(source.tensors())
-    formats = {t.name: target_format(t, quant, embed_quant) for t in tensors}
+    rules = parse_recipe(recipe, source.config.num_layers) if recipe is not None else None
+    formats = {t.name: target_format(t, quant, embed_quant, rules) for t in tensors}
     matrices = _matrix_names(tensors)
     recipe = {t.name: {"format": formats[t.name].name, "shape": list(_logical_shape(t, matrices))}
               for t in tensors}
@@ -169,10 +180,13 @@ def convert(src: str | Path, out: str | Path, *, quant: str | None = "q4_0", emb
     report = Report(out)
     with staged_folder(out, check=lambda: check_target(out, force, src)) as tmp:
         tokenizer.save(tmp)
-        stats = None
+        stats = stats_from_imatrix(config, imatrix) if imatrix is not None else None
+        if stats is not None:
+            report.importance_source = str(imatrix)
         if text is not None:
             stats = _calibrate(config, tensors, text, calibrate_chunks, tmp, generation, progress, str(calibrate))
             report.calibration_tokens = stats.tokens
+            report.importance_source = f"{stats.tokens} tokens of {Path(calibrate).name}"
             if save_imatrix is not None:
                 write_imatrix(save_imatrix, config, stats, Path(calibrate).name, stats.tokens // CALIBRATION_CTX,
                               CALIBRATION_CTX)

@@ -90,7 +90,7 @@ def print_conversion_report(report) -> None:
         click.echo(f"  {kind:<12} {formats:<10} {shown}")
     weighted = report.weighted_by_kind()
     if weighted:
-        click.echo(f"  calibrated on {report.calibration_tokens} tokens; error weighted by each input's mean square:")
+        click.echo(f"  importance from {report.importance_source}; error weighted by each input's mean square:")
         click.echo(f"  {'tensor kind':<12} {'nearest':>10} {'calibrated':>11}")
         for kind, (rtn, calibrated) in weighted.items():
             click.echo(f"  {kind:<12} {rtn:10.3e} {calibrated:11.3e}  ({calibrated / rtn:.2f}x)")
@@ -113,14 +113,22 @@ def print_conversion_report(report) -> None:
               help="Chunks of 512 tokens of the calibration text to run")
 @click.option("--save-imatrix", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Also write the calibration statistics as llama.cpp's importance matrix (llama-quantize --imatrix)")
+@click.option("--recipe", default=None, help="Per-tensor formats: PATTERN=FORMAT rules over tensor names, first match "
+              "wins (layers.-1.down is the last layer's), or a named recipe; e.g. "
+              "'embed=q8_0,layers.0.down=q8_0,*=q4_0' [default: q4_0-down8 (q4_0, the first and last down "
+              "q8_0) for a calibrated conversion without --quant, else --quant and --embed-quant for all]")
+@click.option("--imatrix", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Quantize by the importance in this importance-matrix file (llama-imatrix's or --save-imatrix's) "
+              "instead of a calibration run")
 @user_errors
-def convert(src, out, quant, embed_quant, preset, force, calibration_text, calibrate_chunks, save_imatrix):
+def convert(src, out, quant, embed_quant, preset, force, calibration_text, calibrate_chunks, save_imatrix, recipe,
+            imatrix):
     """Convert a Hugging Face checkpoint folder or a GGUF file SRC into the edgephi model folder OUT."""
     run = converter("pipeline").convert  # the runtime never needs the converter's modules
 
     report = run(src, out, quant=quant, embed_quant=embed_quant, force=force, preset=preset,
                  calibrate=calibration_text, calibrate_chunks=calibrate_chunks,
-                 save_imatrix=save_imatrix, progress=ProgressBar("converting"))
+                 save_imatrix=save_imatrix, recipe=recipe, imatrix=imatrix, progress=ProgressBar("converting"))
     print_conversion_report(report)
 
 

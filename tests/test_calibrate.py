@@ -214,3 +214,64 @@ def test_importance_matrix_file_is_what_llama_cpp_reads(smollm2_gguf, tmp_path):
         quantized[with_imatrix] = {t.name: bytes(t.data) for t in GGUFReader(str(out)).tensors}
     # the importance changed llama.cpp's blocks: it was read
     assert quantized[True]["blk.5.attn_q.weight"] != quantized[False]["blk.5.attn_q.weight"]
+
+
+# -- recipes and importance from a file -------------------------------------------------------------
+
+def test_recipe_rules_pick_formats_first_match_wins_and_count_layers_from_the_end():
+    from edgephi.convert.recipes import RECIPES, parse_recipe, recipe_format
+    from edgephi.errors import EdgephiError
+
+    rules = parse_recipe("embed=q8_0,layers.-1.down=q8_0,layers.0.*=f16,layers.*.down=q4_1,*=q4_0", 6)
+    assert rules[1] == ("layers.5.down", "q8_0")
+    expected = {"embed": "q8_0", "output": "q4_0", "layers.5.down": "q8_0", "layers.0.down": "f16",
+                "layers.0.qkv": "f16", "layers.3.down": "q4_1", "layers.3.gate_up": "q4_0", "layers.3.ffn_norm": None}
+    assert {name: recipe_format(rules, name) for name in expected} == expected
+    for name, text in RECIPES.items():
+        assert parse_recipe(name, 4) == parse_recipe(text, 4)
+    for bad, says in (("embed", "PATTERN=FORMAT"), ("=q4_0", "PATTERN=FORMAT"), ("*=q3_k", "unknown format"),
+                      ("layers.-7.down=q8_0", "only 6 layers"), (" , ", "empty")):
+        with pytest.raises(EdgephiError, match=says):
+            parse_recipe(bad, 6)
+
+
+@pytest.mark.integration
+def test_recipe_and_importance_file_in_a_conversion(smollm2_gguf, tmp_path, calibration_file):
+    import json
+
+    from edgephi.convert import convert
+    from tests.test_convert_errors import assert_refused, run_convert
+
+    imatrix = tmp_path / "smol.imatrix"
+    direct = tmp_path / "direct"
+    convert(smollm2_gguf, direct, quant="q4_0", embed_quant="q8_0", calibrate=calibration_file,
+            calibrate_chunks=1, save_imatrix=imatrix)
+    from_file = tmp_path / "from-file"
+    report = convert(smollm2_gguf, from_file, quant="q4_0", embed_quant="q8_0", imatrix=imatrix,
+                     recipe="layers.0.down=q8_0,layers.-1.down=q8_0,layers.3.qkv=f16")
+    assert report.importance_source == str(imatrix) and report.weighted_by_kind()
+    tensors = json.loads((from_file / "config.json").read_text())["tensors"]
+    assert {n: tensors[n]["format"] for n in ("layers.0.down", "layers.29.down", "layers.3.qkv", "layers.3.down",
+                                               "embed")} == {"layers.0.down": "q8_0", "layers.29.down": "q8_0",
+                                                             "layers.3.qkv": "f16", "layers.3.down": "q4_0",
+                                                             "embed": "q8_0"}
+    default = tmp_path / "default-recipe"  # calibrated without --quant: q4_0-down8
+    convert(smollm2_gguf, default, quant=None, imatrix=imatrix)
+    tensors = json.loads((default / "config.json").read_text())["tensors"]
+    assert [tensors[f"layers.{i}.down"]["format"] for i in (0, 1, 28, 29)] == ["q8_0", "q4_0", "q4_0", "q8_0"]
+    assert tensors["layers.0.qkv"]["format"] == "q4_0" and tensors["embed"]["format"] == "q8_0"
+
+    # the same importance, through the file's float32 means: the same blocks but for rare ties
+    from safetensors.numpy import load_file
+
+    scales_a = load_file(direct / "weights.safetensors")["layers.5.gate_up.d"]
+    scales_b = load_file(from_file / "weights.safetensors")["layers.5.gate_up.d"]
+    assert np.mean(scales_a != scales_b) < 1e-3
+
+    out = tmp_path / "refused" / "model"
+    out.parent.mkdir()
+    assert_refused(run_convert([smollm2_gguf, out, "--imatrix", smollm2_gguf]), smollm2_gguf, out, [smollm2_gguf],
+                   "no importance-matrix entries")
+    assert_refused(run_convert([smollm2_gguf, out, "--imatrix", imatrix, "--calibrate", calibration_file]),
+                   smollm2_gguf, out, [], "not both")
+    assert_refused(run_convert([smollm2_gguf, out, "--recipe", "*=q2_k"]), smollm2_gguf, out, [], "unknown format")
