@@ -104,10 +104,24 @@ class EdgephiLogits:
         return self.sequence.feed(chunk[first:], all_logits=True)[:count]
 
 
+def kl_scores(base, runners: dict, text_file: Path, ctx: int, chunks: int):
+    """{name: TokenScores} of every runner against the base model on `chunks` chunks of a text."""
+    from edgephi.perplexity import TokenScores, text_chunks
+
+    first, count = ctx // 2, ctx - 1 - ctx // 2
+    tokens, _ = text_chunks(base.model, text_file.read_text(encoding="utf-8"), ctx, chunks, str(text_file))
+    scores = {name: TokenScores(len(tokens) * count, True) for name in runners}
+    for i, chunk in enumerate(tokens):
+        base_logits = base(chunk, first, count)
+        for name, run in runners.items():
+            scores[name].add(i * count, run(chunk, first, count), chunk[first + 1:], base_logits)
+        print(f"{text_file.name}: chunk {i + 1}/{len(tokens)}", file=sys.stderr)
+    return scores, tokens
+
+
 def main() -> None:
     from edgephi.convert import convert
     from edgephi.convert.imatrix import read_imatrix
-    from edgephi.perplexity import TokenScores, text_chunks
     from tests import fixtures, texts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +129,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--calibrate-chunks", type=int, default=64)
+    ap.add_argument("--ood-chunks", type=int, default=8, help="chunks of CPython's pydoc topics (out of domain)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/edgephi-quant-quality"))
     args = ap.parse_args()
     source = args.gguf or fixtures.smollm2_gguf()
@@ -147,33 +162,29 @@ def main() -> None:
             models[name] = ("llama.cpp", path)
 
     ctx = args.ctx
-    first, count = ctx // 2, ctx - 1 - ctx // 2
     base = EdgephiLogits(models.pop("float32")[1], ctx, "float32")
-    chunks, _ = text_chunks(base.model, evaluation.read_text(encoding="utf-8"), ctx, args.chunks, str(evaluation))
     runners = {name: (EdgephiLogits(path, ctx) if kind == "edgephi" else LlamaCppLogits(path, ctx))
                for name, (kind, path) in models.items()}
-    scores = {name: TokenScores(len(chunks) * count, True) for name in runners}
-    for i, chunk in enumerate(chunks):
-        base_logits = base(chunk, first, count)
-        for name, run in runners.items():
-            scores[name].add(i * count, run(chunk, first, count), chunk[first + 1:], base_logits)
-        print(f"chunk {i + 1}/{len(chunks)}", file=sys.stderr)
-
+    scores, chunks = kl_scores(base, runners, evaluation, ctx, args.chunks)
+    ood, ood_chunks = kl_scores(base, runners, texts.pydoc_topics(), ctx, args.ood_chunks)
     rows = []
     for name, (kind, path) in models.items():
         r = scores[name].report(ctx, len(chunks), 0)
         size = (path / "weights.safetensors").stat().st_size if kind == "edgephi" else path.stat().st_size
         bpw = edgephi_bits_per_weight(path) if kind == "edgephi" else gguf_bits_per_weight(path)
+        o = ood[name].report(ctx, len(ood_chunks), 0).kl
         rows.append(dict(model=name, bpw=bpw, ppl=r.ppl, base_ppl=r.kl.base_ppl, kl=r.kl.kl_mean, kl_err=r.kl.kl_err,
                          kl_p99=r.kl.kl_p99, same_top1=r.kl.same_top1, rms_dp=r.kl.rms_dp, mb=size / 1e6,
-                         seconds=seconds[name]))
-    print(f"{len(chunks)} chunks of {ctx} tokens of {evaluation.name}, {len(chunks) * count} scored; "
+                         seconds=seconds[name], ood_kl=o.kl_mean, ood_kl_err=o.kl_err))
+    print(f"{len(chunks)} chunks of {ctx} tokens of {evaluation.name}, {len(chunks) * (ctx - 1 - ctx // 2)} scored; "
           f"float32 PPL {rows[0]['base_ppl']:.3f}")
-    print(f"| file | bits/weight (blocks) | PPL | mean KL | KL 99% | same top-1 | RMS Δp | MB | make (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"out of domain: {len(ood_chunks)} chunks of CPython's pydoc topics")
+    print("| file | bits/weight (blocks) | PPL | mean KL | KL 99% | same top-1 | RMS Δp | KL, pydoc | MB | make (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['bpw']:.2f} | {r['ppl']:.3f} | {r['kl']:.4f} ± {r['kl_err']:.4f} | "
-              f"{r['kl_p99']:.3f} | {100 * r['same_top1']:.1f}% | {100 * r['rms_dp']:.2f}% | {r['mb']:.1f} | "
+              f"{r['kl_p99']:.3f} | {100 * r['same_top1']:.1f}% | {100 * r['rms_dp']:.2f}% | "
+              f"{r['ood_kl']:.4f} ± {r['ood_kl_err']:.4f} | {r['mb']:.1f} | "
               f"{r['seconds']:.1f} |")
     kl = {r["model"]: r["kl"] for r in rows}
     for fmt in ("Q4_0", "Q4_1"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.quant_quality import EdgephiLogits  # noqa: E402
+from benchmarks.quant_quality import EdgephiLogits, kl_scores  # noqa: E402
 
 CANDIDATES = {
     "all q4_0 (embed q8_0)": "embed=q8_0,*=q4_0",
@@ -33,7 +33,6 @@ CANDIDATES = {
 
 def main() -> None:
     from edgephi.convert import convert
-    from edgephi.perplexity import TokenScores, text_chunks
     from tests import texts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,16 +51,9 @@ def main() -> None:
     if not base_folder.exists():
         convert(f32, base_folder, quant="f32", embed_quant="f32")
     ctx = args.ctx
-    first, count = ctx // 2, ctx - 1 - ctx // 2
     base = EdgephiLogits(base_folder, ctx, "float32")
-    evaluation = texts.evaluation_text()
-    chunks, _ = text_chunks(base.model, evaluation.read_text(encoding="utf-8"), ctx, args.chunks, str(evaluation))
     runners = {name: EdgephiLogits(folder, ctx) for name, folder in folders.items()}
-    scores = {name: TokenScores(len(chunks) * count, True) for name in runners}
-    for i, chunk in enumerate(chunks):
-        base_logits = base(chunk, first, count)
-        for name, run in runners.items():
-            scores[name].add(i * count, run(chunk, first, count), chunk[first + 1:], base_logits)
+    scores, chunks = kl_scores(base, runners, texts.evaluation_text(), ctx, args.chunks)
     rows = {name: (s.report(ctx, len(chunks), 0).kl, (folders[name] / "weights.safetensors").stat().st_size / 1e6)
             for name, s in scores.items()}
     kl0, mb0 = rows["all q4_0 (embed q8_0)"][0].kl_mean, rows["all q4_0 (embed q8_0)"][1]
