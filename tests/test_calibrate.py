@@ -275,3 +275,94 @@ def test_recipe_and_importance_file_in_a_conversion(smollm2_gguf, tmp_path, cali
     assert_refused(run_convert([smollm2_gguf, out, "--imatrix", imatrix, "--calibrate", calibration_file]),
                    smollm2_gguf, out, [], "not both")
     assert_refused(run_convert([smollm2_gguf, out, "--recipe", "*=q2_k"]), smollm2_gguf, out, [], "unknown format")
+
+
+def _gguf_with_our_blocks(template: Path, folder: Path, out: Path) -> None:
+    """A copy of llama.cpp's own Q4_0 file of the model (llama architecture) with every transformer
+    matrix's blocks replaced by those edgephi wrote to `folder`: q/k/v and gate/up split again,
+    llama.cpp's Q/K row permutation put back."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from edgephi.convert.gguf_blocks import planes_to_gguf_blocks
+    from edgephi.convert.gguf_reader import GGUFFile
+    from edgephi.convert.gguf_source import unpermute_order
+    from edgephi.quant import FORMATS
+
+    cfg = json.loads((folder / "config.json").read_text())
+    weights = load_file(folder / "weights.safetensors")
+    heads, kv_heads, head_dim = cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"]
+    gguf = GGUFFile(template)
+    shutil.copyfile(template, out)
+    with open(out, "r+b") as f:
+        for layer in range(cfg["num_layers"]):
+            parts = {}
+            for kind, pieces in (("qkv", (("attn_q", heads), ("attn_k", kv_heads), ("attn_v", kv_heads))),
+                                 ("gate_up", (("ffn_gate", None), ("ffn_up", None))),
+                                 ("o", (("attn_output", None),)), ("down", (("ffn_down", None),))):
+                fmt = FORMATS[cfg["tensors"][f"layers.{layer}.{kind}"]["format"]]
+                planes = {p: a for p, a in ((p, weights.get(f"layers.{layer}.{kind}.{p}")) for p in ("qs", "d", "m"))
+                          if a is not None}
+                blocks = planes_to_gguf_blocks(planes, fmt)
+                start = 0
+                for gguf_name, permuted_heads in pieces:
+                    rows = gguf.tensors[f"blk.{layer}.{gguf_name}.weight"].shape[0]
+                    part = blocks[start:start + rows]
+                    start += rows
+                    if permuted_heads is not None and gguf_name != "attn_v":
+                        reordered = np.empty_like(part)
+                        reordered[unpermute_order(rows, permuted_heads)] = part
+                        part = reordered
+                    parts[f"blk.{layer}.{gguf_name}.weight"] = part
+            for name, part in parts.items():
+                t = gguf.tensors[name]
+                assert part.nbytes == t.nbytes, name
+                f.seek(t.offset)
+                f.write(part.tobytes())
+
+
+@pytest.mark.integration
+def test_calibrated_blocks_run_in_llama_cpp_as_faithfully_as_its_own(smollm2_gguf, tmp_path, calibration_file):
+    """edgephi's round-to-nearest q4_0 put into llama.cpp's own Q4_0 file leaves it byte for byte the
+    same (the blocks and their placement are llama.cpp's); calibrated blocks put there run in llama.cpp
+    as close to edgephi's logits of the same folder as llama.cpp's own blocks do."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import edgephi
+    from edgephi.convert import convert
+    from tests.fixtures import rel_err
+
+    def quantize(src, out, ftype):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = ftype, True, 2
+        if ftype:
+            params.token_embedding_type = params.output_tensor_type = 8  # Q8_0, as edgephi's embed
+        assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+
+    f32, theirs = tmp_path / "f32.gguf", tmp_path / "q4_0.gguf"
+    quantize(smollm2_gguf, f32, 0)
+    quantize(f32, theirs, 2)
+    folders = {name: tmp_path / name for name in ("nearest", "calibrated")}
+    convert(f32, folders["nearest"], quant="q4_0", embed_quant="q8_0")
+    convert(f32, folders["calibrated"], quant="q4_0", embed_quant="q8_0", calibrate=calibration_file,
+            calibrate_chunks=1)
+    files = {name: tmp_path / f"{name}.gguf" for name in folders}
+    for name, folder in folders.items():
+        _gguf_with_our_blocks(theirs, folder, files[name])
+    assert files["nearest"].read_bytes() == theirs.read_bytes()
+    assert files["calibrated"].read_bytes() != theirs.read_bytes()
+
+    ids = random_ids(64, seed=4, vocab=49152)
+    logits = {}
+    for name in folders:
+        llm = llama_cpp.Llama(str(files[name]), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+        llm.eval(ids)
+        logits[name] = (np.asarray(llm.scores[:len(ids)], np.float32), edgephi.load(folders[name]).logits(ids))
+        del llm
+    err = {name: rel_err(cpp, ours) for name, (cpp, ours) in logits.items()}
+    print("llama.cpp against edgephi on the same blocks:", err)
+    assert err["calibrated"] < 1.5 * err["nearest"], err
+    assert rel_err(logits["calibrated"][0], logits["nearest"][0]) > 5 * err["calibrated"]  # not the same model
