@@ -69,6 +69,12 @@ class Report:
         return {kind: tuple((sum(getattr(t, a) for t in ts) / sum(t._wref2 for t in ts)) ** 0.5
                             for a in ("_rtn_werr2", "_werr2")) for kind, ts in groups.items()}
 
+    def weighted_by_tensor(self) -> dict[str, tuple[float, float]]:
+        """name -> (round-to-nearest's, the written) importance-weighted relative error, per tensor
+        quantized by importance."""
+        return {t.name: ((t._rtn_werr2 / t._wref2) ** 0.5, (t._werr2 / t._wref2) ** 0.5)
+                for t in self.tensors if t._wref2}
+
     def by_kind(self) -> dict[str, tuple[str, float, bool]]:
         """kind -> (formats, error over all its tensors, all lossless)."""
         groups: dict[str, list[TensorReport]] = {}
@@ -266,11 +272,11 @@ def _write_weights(path: Path, tensors: list[SourceTensor], formats: dict[str, Q
                     rep._err2 += float(np.sum((back - ref) ** 2))
                     rep._ref2 += float(np.sum(ref.astype(np.float64) ** 2))
                     if importance is not None:
-                        w = importance_weights(ref, importance).reshape(ref.shape).astype(np.float64)
-                        rtn = dequantize(quantize(ref, f), f).astype(np.float64)
-                        rep._rtn_werr2 += float(np.sum(w * (rtn - ref) ** 2))
-                        rep._werr2 += float(np.sum(w * (back - ref) ** 2))
-                        rep._wref2 += float(np.sum(w * ref.astype(np.float64) ** 2))
+                        w = importance_weights(ref, importance).reshape(ref.shape)
+                        rtn = dequantize(quantize(ref, f), f)
+                        rep._rtn_werr2 += float(np.sum(w * (rtn - ref) ** 2, dtype=np.float64))
+                        rep._werr2 += float(np.sum(w * (back - ref) ** 2, dtype=np.float64))
+                        rep._wref2 += float(np.sum(w * ref * ref, dtype=np.float64))
                 # a finite source can still overflow float16 scales (a block whose largest value is 1e7)
                 check_finite(where, t.origin, planes)
                 for plane, arr in planes.items():

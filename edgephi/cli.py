@@ -94,6 +94,13 @@ def print_conversion_report(report) -> None:
         click.echo(f"  {'tensor kind':<12} {'nearest':>10} {'calibrated':>11}")
         for kind, (rtn, calibrated) in weighted.items():
             click.echo(f"  {kind:<12} {rtn:10.3e} {calibrated:11.3e}  ({calibrated / rtn:.2f}x)")
+        click.echo("  per tensor, calibrated / nearest:")
+        rows: dict[str, list[str]] = {}
+        for name, (rtn, calibrated) in report.weighted_by_tensor().items():
+            where, _, kind = name.rpartition(".")
+            rows.setdefault(where or name, []).append(f"{kind} {calibrated / rtn:.2f}x")
+        for where, cells in rows.items():
+            click.echo(f"    {where:<10} " + "  ".join(cells))
 
 
 @main.command()

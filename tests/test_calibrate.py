@@ -106,28 +106,37 @@ def calibration_file() -> Path:
     return texts.calibration_text()
 
 
+@pytest.fixture(scope="module")
+def calibrated_smollm2(smollm2_gguf, tmp_path_factory, calibration_file):
+    """(folder, its importance-matrix file, the report): SmolLM2 as q4_0 calibrated on one chunk."""
+    from edgephi.convert import convert
+
+    folder = tmp_path_factory.mktemp("calibrated") / "m"
+    imatrix = folder.parent / "smol.imatrix"
+    report = convert(smollm2_gguf, folder, quant="q4_0", embed_quant="q8_0", calibrate=calibration_file,
+                     calibrate_chunks=1, save_imatrix=imatrix)
+    return folder, imatrix, report
+
+
 @pytest.mark.integration
 def test_calibrated_conversion_is_deterministic_and_closer_to_the_float_model(smollm2_gguf, tmp_path, pride_text,
-                                                                              calibration_file):
+                                                                              calibration_file, calibrated_smollm2):
     import edgephi
     from edgephi.convert import convert
     from edgephi.perplexity import evaluate
 
-    outs = {}
-    for name, calibrate in (("nearest", None), ("calibrated", calibration_file), ("again", calibration_file),
-                            ("f32", None)):
-        quant = "f32" if name == "f32" else "q4_0"
+    calibrated, _, report = calibrated_smollm2
+    assert report.calibration_tokens == 512
+    weighted = report.weighted_by_kind()
+    assert set(weighted) == {"qkv", "o", "gate_up", "down"}
+    assert all(calibrated_err < 0.9 * nearest for nearest, calibrated_err in weighted.values())
+    outs = {"calibrated": calibrated}
+    for name, quant, calibrate in (("nearest", "q4_0", None), ("again", "q4_0", calibration_file),
+                                   ("f32", "f32", None)):
         outs[name] = tmp_path / name
-        report = convert(smollm2_gguf, outs[name], quant=quant, embed_quant="q8_0", calibrate=calibrate,
-                         calibrate_chunks=2)
-        if calibrate is not None:
-            assert report.calibration_tokens == 1024
-            weighted = report.weighted_by_kind()
-            assert set(weighted) == {"qkv", "o", "gate_up", "down"}
-            assert all(calibrated < 0.9 * nearest for nearest, calibrated in weighted.values())
-    same = [(outs["calibrated"] / f).read_bytes() == (outs["again"] / f).read_bytes()
-            for f in ("weights.safetensors", "config.json")]
-    assert all(same)
+        convert(smollm2_gguf, outs[name], quant=quant, embed_quant="q8_0", calibrate=calibrate, calibrate_chunks=1)
+    for f in ("weights.safetensors", "config.json"):
+        assert (outs["calibrated"] / f).read_bytes() == (outs["again"] / f).read_bytes(), f
     base = edgephi.load(outs["f32"], kv_dtype="float32")
     kl = {name: evaluate(edgephi.load(outs[name]), pride_text, ctx=256, chunks=4, base=base).kl.kl_mean
           for name in ("nearest", "calibrated")}
@@ -236,37 +245,40 @@ def test_recipe_rules_pick_formats_first_match_wins_and_count_layers_from_the_en
 
 
 @pytest.mark.integration
-def test_recipe_and_importance_file_in_a_conversion(smollm2_gguf, tmp_path, calibration_file):
+def test_recipe_and_importance_file_in_a_conversion(smollm2_gguf, checkpoint_factory, tmp_path, calibration_file,
+                                                    calibrated_smollm2):
     import json
+
+    from safetensors.numpy import load_file
 
     from edgephi.convert import convert
     from tests.test_convert_errors import assert_refused, run_convert
 
-    imatrix = tmp_path / "smol.imatrix"
-    direct = tmp_path / "direct"
-    convert(smollm2_gguf, direct, quant="q4_0", embed_quant="q8_0", calibrate=calibration_file,
-            calibrate_chunks=1, save_imatrix=imatrix)
-    from_file = tmp_path / "from-file"
-    report = convert(smollm2_gguf, from_file, quant="q4_0", embed_quant="q8_0", imatrix=imatrix,
-                     recipe="layers.0.down=q8_0,layers.-1.down=q8_0,layers.3.qkv=f16")
-    assert report.importance_source == str(imatrix) and report.weighted_by_kind()
-    tensors = json.loads((from_file / "config.json").read_text())["tensors"]
-    assert {n: tensors[n]["format"] for n in ("layers.0.down", "layers.29.down", "layers.3.qkv", "layers.3.down",
-                                               "embed")} == {"layers.0.down": "q8_0", "layers.29.down": "q8_0",
-                                                             "layers.3.qkv": "f16", "layers.3.down": "q4_0",
-                                                             "embed": "q8_0"}
-    default = tmp_path / "default-recipe"  # calibrated without --quant: q4_0-down8
-    convert(smollm2_gguf, default, quant=None, imatrix=imatrix)
+    direct, imatrix, _ = calibrated_smollm2
+    default = tmp_path / "default-recipe"  # calibrated without --quant: q4_0-down8, importance from the file
+    res = run_convert([smollm2_gguf, default, "--imatrix", imatrix])
+    assert res.returncode == 0, res
+    lines = res.stdout.splitlines()
+    assert f"  importance from {imatrix}; error weighted by each input's mean square:" in lines
+    per_layer = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("    layers.")}
+    assert len(per_layer) == 30 and per_layer["layers.1"][::2] == ["qkv", "o", "gate_up", "down"]
+    assert "down" not in per_layer["layers.0"]  # q8_0 there: rounded to nearest
+    assert all(float(ratio.rstrip("x")) < 1 for cells in per_layer.values() for ratio in cells[1::2])
     tensors = json.loads((default / "config.json").read_text())["tensors"]
     assert [tensors[f"layers.{i}.down"]["format"] for i in (0, 1, 28, 29)] == ["q8_0", "q4_0", "q4_0", "q8_0"]
     assert tensors["layers.0.qkv"]["format"] == "q4_0" and tensors["embed"]["format"] == "q8_0"
-
     # the same importance, through the file's float32 means: the same blocks but for rare ties
-    from safetensors.numpy import load_file
-
     scales_a = load_file(direct / "weights.safetensors")["layers.5.gate_up.d"]
-    scales_b = load_file(from_file / "weights.safetensors")["layers.5.gate_up.d"]
+    scales_b = load_file(default / "weights.safetensors")["layers.5.gate_up.d"]
     assert np.mean(scales_a != scales_b) < 1e-3
+
+    ruled = tmp_path / "ruled"
+    convert(checkpoint_factory("phi3_basic", tokenizer=True), ruled, quant="q4_0", embed_quant="q8_0",
+            recipe="layers.0.down=q8_0,layers.-1.down=q4_1,layers.1.qkv=f16,output=f16")
+    tensors = json.loads((ruled / "config.json").read_text())["tensors"]
+    last = max(int(name.split(".")[1]) for name in tensors if name.startswith("layers."))
+    names = ("layers.0.down", f"layers.{last}.down", "layers.1.qkv", "layers.0.gate_up", "output", "embed")
+    assert [tensors[n]["format"] for n in names] == ["q8_0", "q4_1", "f16", "q4_0", "f16", "q8_0"]
 
     out = tmp_path / "refused" / "model"
     out.parent.mkdir()
