@@ -18,6 +18,7 @@ from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_to
                        token_stream)
 from .errors import EdgephiError
 from .kv_cache import DEFAULT_SINKS, KV_BLOCK, kv_slot_bytes
+from .logprobs import check_top_logprobs
 from .messages import check_messages
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
@@ -80,25 +81,49 @@ class LanguageModel:
         return ids
 
     def generate_tokens(self, prompt_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None, ignore_eos: bool = False,
-                        stats: GenerationStats | None = None, **sampling) -> Iterator[int]:
+                        stats: GenerationStats | None = None, logprobs: int | None = None, **sampling) -> Iterator[int]:
         """Token ids continuing prompt_ids in a fresh context. sampling: temperature, top_k,
-        top_p, min_p, repetition_penalty, seed (see SamplingParams)."""
+        top_p, min_p, repetition_penalty, seed (see SamplingParams). logprobs=K records each id's
+        log-probability and the K likeliest ids' in stats.logprobs (TokenLogprobs)."""
         return self._fresh_stream(self.prompt_ids(list(prompt_ids)), max_new_tokens, check_stop(stop), ignore_eos,
-                                  stats, sampling)
+                                  stats, logprobs, sampling)
 
-    def _fresh_stream(self, ids, max_new_tokens, stop, ignore_eos, stats, sampling) -> Iterator[int]:
+    def _fresh_stream(self, ids, max_new_tokens, stop, ignore_eos, stats, logprobs, sampling) -> Iterator[int]:
         params = SamplingParams(**sampling)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
+        logprobs = None if logprobs is None else check_top_logprobs(logprobs)
         return token_stream(self, self.sequence(), ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
-                            ignore_eos=ignore_eos, stats=stats)
+                            ignore_eos=ignore_eos, stats=stats, logprobs=logprobs)
 
-    def stream(self, prompt, *, special_tokens: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None,
-               ignore_eos: bool = False, stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
-        """Text pieces (always whole UTF-8 characters) continuing `prompt`."""
+    def stream(self, prompt, *, special_tokens: bool = False, **options) -> Iterator[str]:
+        """Text pieces (always whole UTF-8 characters) continuing `prompt` (see stream_ids)."""
+        return self.stream_ids(self.prompt_ids(prompt, special_tokens), **options)
+
+    def stream_ids(self, ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None, ignore_eos: bool = False,
+                   stats: GenerationStats | None = None, logprobs: int | None = None, **sampling) -> Iterator[str]:
+        """Text pieces continuing exactly these token ids (no BOS added) in a fresh context; the text
+        ends before the first stop string. logprobs: as in generate_tokens."""
         stop = check_stop(stop)
-        tokens = self._fresh_stream(self.prompt_ids(prompt, special_tokens), max_new_tokens, stop, ignore_eos,
-                                    stats, sampling)
+        tokens = self._fresh_stream(self.check_tokens(ids).tolist(), max_new_tokens, stop, ignore_eos, stats, logprobs,
+                                    sampling)
         return text_stream(self.tokenizer, tokens, stop)
+
+    @cached_property
+    def chat_template(self):
+        """The model's chat template (generation_config.json's), compiled once and shared by threads."""
+        from .chat_template import ChatTemplate  # jinja2 is imported only by apps that chat
+
+        return ChatTemplate(self.generation_config.get("chat_template"), self.tokenizer, self.generation_config,
+                            where=self.generation_file)
+
+    def chat_ids(self, messages) -> list[int]:
+        """Token ids of a conversation in the chat template, ending where the assistant's reply starts."""
+        return self.chat_template.encode(check_messages(messages), add_generation_prompt=True)
+
+    def chat_stream(self, messages, **options) -> Iterator[str]:
+        """Text pieces of the assistant's reply to `messages` (any roles, in any order the template
+        accepts), in a fresh context: one request, as an OpenAI-style server takes it (see stream_ids)."""
+        return self.stream_ids(self.chat_ids(messages), **options)
 
     def generate(self, prompt, **options) -> str:
         return "".join(self.stream(prompt, **options))

@@ -26,13 +26,8 @@ class ChatSession:
 
     def __init__(self, model, *, system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None,
                  ignore_eos: bool = False, context: int | None = None, resume=None, **sampling):
-        from .chat_template import (
-            ChatTemplate,  # jinja2 is imported only by apps that chat
-        )
-
         self.model = model
-        self.template = ChatTemplate(model.generation_config.get("chat_template"), model.tokenizer,
-                                     model.generation_config, where=model.generation_file)
+        self.template = model.chat_template
         self.params = SamplingParams(**sampling)
         self.max_new_tokens = check_max_new_tokens(max_new_tokens)
         self.stop = check_stop(stop)

@@ -443,6 +443,60 @@ def bench(model_path, threads, prompt_tokens, gen_tokens, repetitions, as_json, 
 
 
 @main.command()
+@click.option("-m", "--model", "model_path", default=None,
+              help="An edgephi model folder [default: SmolLM2-135M-Instruct, fetched once]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback: only this machine; 0.0.0.0: the network)")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--max-sessions", type=int, default=4, show_default=True,
+              help="Requests generating at once; more get HTTP 429")
+@click.option("--api-key", default=None, envvar="EDGEPHI_API_KEY",
+              help="Require 'Authorization: Bearer KEY' [default: $EDGEPHI_API_KEY, else none]")
+@click.option("--name", "model_id", default=None, help="The model's id in requests [default: the folder's name]")
+@click.option("--max-body", type=int, default=1 << 20, show_default=True, help="Largest request body in bytes")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: the cores nothing else keeps busy]")
+@click.option("--context", type=int, default=None, help="KV ring capacity per request, in tokens")
+@click.option("--kv-dtype", type=click.Choice(["float16", "int8", "float32"]), default="float16", show_default=True)
+@user_errors
+def serve(model_path, host, port, max_sessions, api_key, model_id, max_body, threads, context, kv_dtype):
+    """Serve a model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health), for the `openai` client and apps that speak it. Needs: pip install 'edgephi[serve]'."""
+    from .server import bound_socket, create_app, loopback, make_server, require_server_packages
+
+    require_server_packages()
+    if not 0 <= port <= 65535:
+        raise click.BadParameter(f"{port} is not a TCP port", param_hint="--port")
+    if max_body < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--max-body")
+    sock = bound_socket(host, port)  # a taken port is refused before the model loads
+    model = open_model(model_path, threads, context, None, kv_dtype)
+    app = create_app(model, model_id=model_id, max_sessions=max_sessions, api_key=api_key, max_body=max_body)
+    state = app.state.edgephi
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the
+    # handler it found: a stop is then a clean exit, as a service manager expects
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        click.echo(f"edgephi serve: model '{state.model_id}' at http://{shown}:{bound_port}/v1 "
+                   f"({max_sessions} requests at once{', API key required' if api_key else ''}); Ctrl-C stops",
+                   err=True)
+        if not loopback(host) and not api_key:
+            click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "
+                       "it", err=True)
+        make_server(app, sock, log_level="warning").run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo("edgephi serve: stopped", err=True)
+
+
+@main.command()
 @click.option("-m", "--model", "model_path", default=None, help="An edgephi model folder [default: the default model]")
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A UTF-8 text file, at least two chunks long")

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .logprobs import token_logprobs
 from .lookup import propose
 from .sampling import SamplingParams, accept_draft, sample
 from .stops import StopMatcher, cut_at_stops
@@ -33,6 +34,7 @@ class GenerationStats:
     fed: list = field(default_factory=list)  # ids this call put into the KV cache
     drafts_proposed: int = 0  # prompt lookup's guesses verified (SamplingParams.lookup)
     drafts_accepted: int = 0  # and taken
+    logprobs: list = field(default_factory=list)  # a TokenLogprobs per generated id, when asked for
 
     @property
     def prefill_tok_s(self) -> float:
@@ -72,10 +74,12 @@ def check_max_new_tokens(n) -> int:
 
 def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams, max_new_tokens: int,
                  stop: tuple[str, ...] = (), ignore_eos: bool = False, context_ids: list[int] | None = None,
-                 stats: GenerationStats | None = None) -> Iterator[int]:
+                 stats: GenerationStats | None = None, logprobs: int | None = None) -> Iterator[int]:
     """Feed new_ids into `sequence` (one of model's), then sample up to max_new_tokens ids.
 
     context_ids: every id already in the context before new_ids (for the repetition penalty).
+    logprobs: record in stats.logprobs each generated id's log-probability under the model (before
+    sampling's changes) and the `logprobs` likeliest ids' (0: the chosen id's alone).
     The token that ends the turn is not yielded and not fed; a token completing a stop string is.
     A fresh sequence takes what the model's PrefixCache holds of new_ids, and when the generation
     ends the cache is offered the sequence's prompt (after the reply: the copy never delays it).
@@ -113,6 +117,8 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
                 break
             generated.append(token)
             stats.generated_tokens = len(generated)
+            if logprobs is not None:
+                stats.logprobs.append(token_logprobs(rows[i], token, logprobs))
             if stops:  # decided before yielding: a consumer that stops at the stop string closes us there
                 if stops.feed(tail.decode(model.tokenizer.decode_bytes([token]))) is not None:
                     stats.finish_reason = "stop"
