@@ -19,6 +19,7 @@ from .sampling import SamplingParams
 
 QUANT_CHOICES = QUANTIZABLE
 SAMPLING = SamplingParams()  # the flags' defaults are the API's
+BATCH_KERNEL = "the batched decode step"  # compiled apart: only servers and warmup load it
 
 
 def user_errors(fn):
@@ -219,17 +220,17 @@ class CompileNotice:
     the functions compiled and the seconds, redrawn on a terminal, else printed at the start and
     the end. Only called when the kernel cache lacks them, never on a warm start."""
 
-    def __init__(self, isa: str | None = None):
+    def __init__(self, isa: str | None = None, what: str = "edgephi's kernels"):
         self.live = sys.stderr.isatty()
         self.shown = False
-        self.isa = isa
+        self.isa, self.what = isa, what
 
     def __call__(self, functions: int, seconds: float) -> None:
         from .isa import choose_isa
 
         if not self.shown:
             self.shown = True
-            click.echo(f"compiling edgephi's kernels for this CPU ({choose_isa(self.isa).name}), once: about a minute "
+            click.echo(f"compiling {self.what} for this CPU ({choose_isa(self.isa).name}), once: about a minute "
                        "on a laptop, a few on a Raspberry Pi; cached for later runs", err=True)
         line = f"  compiled {functions} functions in {seconds:.0f} s"
         if self.live:
@@ -274,7 +275,15 @@ def warmup(model_path, isa):
     finally:
         notice.close()
     state = "compiled" if notice.shown else "already cached"
-    click.echo(f"kernels for {model.backend.isa.name} {state} in {kernel_folder()} "
+    batched = ""
+    if hasattr(model.backend, "prepare_batching"):  # what `edgephi serve` adds: concurrent sequences' step
+        notice = CompileNotice(isa, BATCH_KERNEL)
+        try:
+            model.backend.prepare_batching(on_compile=notice)
+        finally:
+            notice.close()
+        batched = f"; {BATCH_KERNEL} {'compiled' if notice.shown else 'already cached'}"
+    click.echo(f"kernels for {model.backend.isa.name} {state}{batched} in {kernel_folder()} "
                f"({time.perf_counter() - started:.1f} s)")
 
 
@@ -470,6 +479,12 @@ def serve(model_path, host, port, max_sessions, api_key, model_id, max_body, thr
         raise click.BadParameter("must be >= 1", param_hint="--max-body")
     sock = bound_socket(host, port)  # a taken port is refused before the model loads
     model = open_model(model_path, threads, context, None, kv_dtype)
+    if hasattr(model.backend, "prepare_batching"):  # concurrent requests decode in one step
+        notice = CompileNotice(what=BATCH_KERNEL)
+        try:
+            model.backend.prepare_batching(on_compile=notice)
+        finally:
+            notice.close()
     app = create_app(model, model_id=model_id, max_sessions=max_sessions, api_key=api_key, max_body=max_body)
     state = app.state.edgephi
     bound_host, bound_port = sock.getsockname()[:2]

@@ -11,7 +11,7 @@ from numba import njit
 
 from .attention_lanes import LANE_TOKENS
 from .kernels import add_into, attention, attention_prompt, lane_scratch_floats, rmsnorm, rope, silu_mul, store_kv
-from .matmul import count_nonfinite, embed_rows, linear
+from .matmul import count_nonfinite, embed_rows, linear, linear_decode
 from .records import Scratch, activations
 
 ATTENTION_TOKENS = LANE_TOKENS  # tokens per attention call in a longer step: scores are 16 x H x C floats
@@ -49,7 +49,7 @@ def scratch_bytes_per_token(cfg) -> int:
     return 4 * floats + 4 * widest + 8 * (widest // 32)  # Activations: int16 + 2 bytes a value, 2 floats a block
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def forward(tokens, positions, slots, model, cache, scratch, logits, prompt):
     """Run T new tokens (at absolute `positions`, cached into ring `slots`) through `model` (a
     records.Transformer), writing logits (T, V) of every token, or (1, V) of the last one. Returns
@@ -93,4 +93,43 @@ def forward(tokens, positions, slots, model, cache, scratch, logits, prompt):
         rmsnorm(x[T - 1:], model.norm, model.eps, xn[:1])
         # one row: the row dots in every kind of step, so a prompt's last logits never depend on its split
         nonfinite += linear(isa, model.output, xn[:1], logits, act, False)
+    return nonfinite + count_nonfinite(logits)
+
+
+@njit(cache=True, nogil=True)
+def forward_batch(tokens, positions, slots, model, caches, scratch, logits):
+    """One decode step of B sequences at once: tokens[b] at positions[b] into ring slot slots[b] of
+    caches[b] (a typed list of records.KvArrays), logits (B, V). The linears read each weight once
+    for all B tokens, which is what makes a step of B cost little more than a step of one (decode
+    streams the weights from memory); attention reads each sequence's own ring. Row b equals
+    forward()'s decode step of tokens[b] alone, bit for bit."""
+    B = tokens.shape[0]
+    H, Hk, Dh, R = model.heads, model.kv_heads, model.head_dim, model.rope.rotary_dim
+    isa, act = model.isa, scratch.quantized
+    x, xn, qkv, attn = scratch.x[:B], scratch.xn[:B], scratch.qkv[:B], scratch.attn[:B]
+    gate_up, ffn = scratch.gate_up[:B], scratch.act[:B]
+    tmp = xn
+    nonfinite = 0
+    embed_rows(model.embed, tokens, x)
+    for i in range(len(model.layers)):
+        layer = model.layers[i]
+        rmsnorm(x, layer.attn_norm, model.eps, xn)
+        nonfinite += linear_decode(isa, layer.qkv, xn, qkv, act)
+        for b in range(B):
+            cache = caches[b]
+            inv_freq = model.rope.long if cache.long_rope else model.rope.short
+            one = qkv[b:b + 1]
+            rope(one, positions[b:b + 1], inv_freq, model.rope.attention_factor, H, Hk, Dh, R)
+            store_kv(one, slots[b:b + 1], cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i], H, Hk, Dh)
+            attention(one, positions[b:b + 1], cache.k[i], cache.v[i], cache.k_scale[i], cache.v_scale[i],
+                      cache.slot_pos, cache.n_slots, model.window, H, Hk, Dh, scratch.scores, attn[b:b + 1])
+        nonfinite += linear_decode(isa, layer.o, attn, tmp, act)
+        add_into(x, tmp)
+        rmsnorm(x, layer.ffn_norm, model.eps, xn)
+        nonfinite += linear_decode(isa, layer.gate_up, xn, gate_up, act)
+        silu_mul(gate_up, ffn)
+        nonfinite += linear_decode(isa, layer.down, ffn, tmp, act)
+        add_into(x, tmp)
+    rmsnorm(x, model.norm, model.eps, xn)
+    nonfinite += linear_decode(isa, model.output, xn, logits, act)
     return nonfinite + count_nonfinite(logits)

@@ -14,7 +14,7 @@ from .float16 import f16_to_f32
 from .gemm_tile import PAIRS, panel_shape, panel_tile, repack_panel
 from .isa_ops import ACTIVATION_MAX, PAIR_BYTES, pair_byte_index, split_byte_index
 from .quant import FORMATS
-from .row_dot import TILE_TOKENS, row_dot, tile_dot
+from .row_dot import TILE_TOKENS, row_dot, tile_dot, tile_dot2, tile_dot3
 
 F32, F16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = (
     FORMATS[name].ggml_type for name in ("f32", "f16", "q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"))
@@ -108,6 +108,31 @@ def _matmul_row_tiles(isa, w, act, out):
                     out[t + i, n] = sums[i]
             for t in range(tiled, t_stop):
                 out[t, n] = row_dot(isa, w, act, n, t)
+
+
+@njit(cache=CACHE_PARALLEL, parallel=True)
+def _matmul_batch(isa, w, act, out):
+    """out[t, n] = W[n] . x_hat[t] for a batch of decode steps (T tokens of T sequences): each
+    weight row meets every token while it is in L1, its blocks unpacked once per tile of three
+    tokens (or two: four tokens go 2 + 2). Three-token tiles run at 0.7 of three decode steps'
+    cost where four-token ones (tile_dot, prefill's) spill registers on AVX-512 and run slower
+    than three (benchmarks/batch_decode.py). Per token the sums of decode's row dot, bit for bit."""
+    T, N = out.shape
+    for n in prange(N):
+        t = 0
+        while t < T:
+            left = T - t
+            if left == 2 or left == 4:
+                a, b = tile_dot2(isa, w, act, n, t)
+                out[t, n], out[t + 1, n] = a, b
+                t += 2
+            elif left >= 3:
+                a, b, c = tile_dot3(isa, w, act, n, t)
+                out[t, n], out[t + 1, n], out[t + 2, n] = a, b, c
+                t += 3
+            else:
+                out[t, n] = row_dot(isa, w, act, n, t)
+                t += 1
 
 
 @njit(cache=CACHE_PARALLEL, parallel=True)
@@ -233,6 +258,24 @@ def linear(isa, w, x, out, act, prompt):
         _matmul_float(w, x, out)
     else:
         _matvec_float(w, x[0], out[0])
+    return nonfinite
+
+
+@njit(cache=True)
+def linear_decode(isa, w, x, out, act):
+    """linear() of one decode step for each of T sequences (forward_batch): every row of W is read
+    once for all T tokens, and token t's sums equal its own decode step's bit for bit, at any T
+    (the row dots and row tiles, never the panels)."""
+    T = x.shape[0]
+    if T == 1:
+        return linear(isa, w, x, out, act, False)
+    nonfinite = count_nonfinite(x)
+    if w.format != F32 and w.format != F16:
+        _quantize_rows(isa, x, act)
+        _matmul_batch(isa, w, act, out)
+    else:  # a float matrix-vector product per token: its sums in decode's order
+        for t in range(T):
+            _matvec_float(w, x[t], out[t])
     return nonfinite
 
 

@@ -4,7 +4,8 @@ Threads never corrupt each other: a sequence's cache (a KV ring of its own) hold
 writes except the scratch arrays, and every forward() call runs under one process-wide lock, which
 also holds the scratch.
 numba runs one parallel region at a time anyway (its default workqueue layer aborts the process
-when two threads launch one at once), so the lock costs no throughput on a single model.
+when two threads launch one at once), so the lock costs no throughput on a single model; and
+decode steps that several threads ask for at once run as one batched step (decode_batch.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from numba.typed import List
 
 from .backend import check_context, check_threads
 from .cpu_cores import idle_cores
 from .errors import ModelFormatError
 from .format import GENERATION_FILE, WEIGHTS_FILE, ModelConfig
-from .forward import forward, new_scratch, scratch_bytes_per_token
+from .decode_batch import MAX_BATCH, StepBatcher
+from .forward import forward, forward_batch, new_scratch, scratch_bytes_per_token
 from .isa import choose_isa
 from .jit_cache import compile_progress, is_cached, use_kernel_cache
 from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
@@ -43,7 +46,10 @@ PREFILL_SCRATCH_BYTES = 12 << 20
 MIN_PREFILL_CHUNK = 32
 CHUNK_MULTIPLE = 8  # chunks of whole panel tiles (4 tokens on AVX-512, 2 elsewhere)
 
-KERNEL_LOCK = threading.Lock()  # one forward() at a time in the process (see the module docstring)
+# one forward() (or other parallel kernel) at a time in the process (see the module docstring);
+# forward() releases the GIL, so the app's other threads (a server's event loop, other
+# generations' sampling) run while a step computes
+KERNEL_LOCK = threading.Lock()
 
 
 def kv_arrays(cache: KVCache) -> KvArrays:
@@ -86,6 +92,11 @@ class NumbaBackend:
         # ended sequences' rings, mapped, for the next ones: up to one full ring of the model's context
         self.ring_pool = RingPool(self.context * kv_slot_bytes(cfg, kv_dtype))
         self._scratch: dict[int, Scratch] = {}  # tokens per step -> scratch; used under KERNEL_LOCK
+        # concurrent sequences' decode steps run as one (decode_batch.py); its kernel and buffers
+        # come at first use (or prepare_batching)
+        self.batcher = StepBatcher(self._step_one, self._step_many)
+        self._batch_step = None
+        self._batch_lock = threading.Lock()
         started = time.perf_counter()
         self._load_kernels(on_compile)
         self.kernels_s = time.perf_counter() - started  # loading (or on a first run compiling) them
@@ -118,6 +129,7 @@ class NumbaBackend:
         same values however the prompt is split into calls."""
         if len(tokens) == 1 and not all_logits and verify:  # decodes as step() does, on the direct call
             return self.step(cache, int(tokens[0]))
+        self.batcher.forget(cache)  # no decode step of it to wait for meanwhile
         self._switch_rope_if_needed(cache, cache.next_pos + len(tokens) - 1)
         step = min(self.prefill_chunk, cache.max_chunk)
         parts = []
@@ -129,11 +141,75 @@ class NumbaBackend:
         return np.concatenate(parts) if all_logits else cache.logits
 
     def step(self, cache: SequenceCache, token: int) -> np.ndarray:
-        """One checked token through the model into the cache's own buffers: nothing is allocated."""
+        """One checked token through the model into the cache's own buffers: nothing is allocated.
+        Steps that other threads' sequences take at the same time run with it as one forward
+        step (decode_batch.py), each with the logits it would have alone, bit for bit."""
+        return self.batcher.step(cache, token)
+
+    def _step_one(self, cache: SequenceCache, token: int) -> None:
         self._switch_rope_if_needed(cache, cache.next_pos)
         cache.token[0] = token
         self._run(cache, cache.token, cache.logits, False)
-        return cache.logits
+
+    def _step_many(self, caches: list[SequenceCache], tokens: list[int]) -> None:
+        """One forward_batch step: tokens[b] into caches[b], its logits into caches[b].logits."""
+        B = len(caches)
+        run = self._batch_kernel()
+        for cache in caches:
+            self._switch_rope_if_needed(cache, cache.next_pos)
+        with KERNEL_LOCK:
+            app_threads = numba.get_num_threads()
+            if app_threads != self.threads:
+                numba.set_num_threads(self.threads)
+            try:
+                ids, positions, slots = self._batch_ids[:B], self._batch_positions[:B], self._batch_slots[:B]
+                rings = List.empty_list(self._kv_type)
+                for b, cache in enumerate(caches):
+                    cache.token[0] = ids[b] = tokens[b]
+                    pos, slot = cache.append(cache.token)
+                    positions[b], slots[b] = pos[0], slot[0]
+                    rings.append(kv_arrays(cache))
+                scratch = self._scratch_for(self.prefill_chunk, max(c.capacity for c in caches))
+                logits = self._batch_logits[:B]
+                nonfinite = run(ids, positions, slots, self.transformer, rings, scratch, logits)
+                for b, cache in enumerate(caches):
+                    cache.logits[0] = logits[b]
+            finally:
+                if app_threads != self.threads:
+                    numba.set_num_threads(app_threads)
+        if nonfinite:
+            raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: the model computed {nonfinite} non-finite "
+                                   f"values (NaN or Inf) in a decode step of {B} sequences: its weights hold values "
+                                   "that overflow float32")
+
+    def prepare_batching(self, on_compile: Callable[[int, float], None] | None = None) -> None:
+        """Load (on a first run: compile, telling on_compile as load() does) the batched decode step
+        now rather than at the first moment two sequences decode together: for servers, and
+        `edgephi warmup`."""
+        self._batch_kernel(on_compile)
+
+    def _batch_kernel(self, on_compile: Callable[[int, float], None] | None = None):
+        with self._batch_lock:
+            if self._batch_step is None:
+                cfg = self.config
+                probe = KVCache(cfg, 2, sinks=0, dtype=self.kv_dtype)
+                self._kv_type = numba.typeof(kv_arrays(probe))
+                rings = List.empty_list(self._kv_type)
+                rings.append(kv_arrays(probe))
+                self._batch_ids = np.zeros(MAX_BATCH, np.int64)
+                self._batch_positions = np.zeros(MAX_BATCH, np.int64)
+                self._batch_slots = np.zeros(MAX_BATCH, np.int64)
+                self._batch_logits = np.zeros((MAX_BATCH, cfg.vocab_size), np.float32)
+                args = (self._batch_ids, self._batch_positions, self._batch_slots, self.transformer, rings,
+                        self._scratch_for(self.prefill_chunk, 2), self._batch_logits)
+                signature = tuple(numba.typeof(a) for a in args)
+                if on_compile is not None and not is_cached(forward_batch, signature):
+                    with compile_progress(on_compile):
+                        self._batch_step = forward_batch.compile(signature)
+                else:
+                    self._batch_step = forward_batch.compile(signature)
+                release_compiler_pages()
+            return self._batch_step
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """float32 (len(ids), V) logits of checked ids in a fresh cache."""
@@ -219,7 +295,12 @@ class NumbaBackend:
 class SequenceCache(KVCache):
     """A sequence's KV ring and the two rows its steps reuse, so decoding a token allocates nothing."""
 
-    _copy_first_rows = staticmethod(copy_first_rows)
+    @staticmethod
+    def _copy_first_rows(source, target, n: int) -> None:
+        # the kernel threads copy it; forward() runs without the GIL, so another thread's step
+        # could otherwise launch a parallel region at the same time (see KERNEL_LOCK)
+        with KERNEL_LOCK:
+            copy_first_rows(source, target, n)
 
     def __init__(self, cfg: ModelConfig, capacity: int, sinks: int, dtype: str, pool: RingPool | None = None):
         super().__init__(cfg, capacity, sinks=sinks, dtype=dtype, pool=pool)

@@ -47,6 +47,7 @@ class GenerationRequest:
     messages: list[dict] | None = None  # chat
     prompt: str | list[int] | None = None  # completions
     echo: bool = False  # completions: the prompt's text before the completion
+    ignore_eos: bool = False  # llama.cpp's extension: go on past the end-of-turn token (benchmarks)
 
 
 def _is_int(v) -> bool:
@@ -107,6 +108,7 @@ def _common(fields: _Fields, request: GenerationRequest, max_tokens_names: tuple
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOPS} strings", param="stop")
     request.stop = tuple(s for s in stop if s)
+    request.ignore_eos = f.get("ignore_eos", lambda v: isinstance(v, bool), "true or false", False)
     f.get("n", lambda v: v == 1, "1 (one choice per request)")
     for name in ("presence_penalty", "frequency_penalty"):
         f.unsupported(name, lambda v: v == 0, "is not supported; use repetition_penalty (> 1 discourages repeats)")

@@ -353,6 +353,9 @@ def _make_row_dot(tile: int):
 
 row_dot = _make_row_dot(1)
 tile_dot = _make_row_dot(TILE_TOKENS)
+# a batch of decode steps' remainders (matmul._matmul_batch): each unpacks the row's blocks once
+tile_dot2 = _make_row_dot(2)
+tile_dot3 = _make_row_dot(3)
 
 
 def standalone_row_dot(module: ir.Module, isa_name: str, format_name: str, tile: int = 1) -> ir.Function:

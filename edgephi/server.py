@@ -202,8 +202,10 @@ def create_app(model, *, model_id: str | None = None, max_sessions: int = DEFAUL
     state = ServerState(model, model_id or model.folder.name, max_sessions, api_key, max_body)
 
     async def health(request):
+        batcher = getattr(model.backend, "batcher", None)
+        steps = {"decode_steps": batcher.steps, "decode_batches": batcher.batches} if batcher else {}
         return JSONResponse({"status": "ok", "model": state.model_id, "sessions": state.slots.used,
-                             "max_sessions": state.slots.size})
+                             "max_sessions": state.slots.size, **steps})
 
     async def models(request):
         state.check_key(request.headers)
@@ -230,7 +232,7 @@ def create_app(model, *, model_id: str | None = None, max_sessions: int = DEFAUL
             stats = GenerationStats()
             max_tokens = model.context - len(ids) if req.max_tokens is None else req.max_tokens
             options = dict(max_new_tokens=max_tokens, stop=req.stop, stats=stats, logprobs=req.logprobs,
-                           **req.sampling)
+                           ignore_eos=req.ignore_eos, **req.sampling)
             generation = Generation(lambda: model.stream_ids(ids, **options), stats, state.generation_ended)
         except BaseException:
             state.slots.give_back()

@@ -21,10 +21,11 @@ def test_chat_fields_map_to_generation_options():
                               "max_completion_tokens": 12, "stop": "END", "top_k": 40, "min_p": 0.1,
                               "repetition_penalty": 1.2, "presence_penalty": 0, "frequency_penalty": 0, "n": 1,
                               "logprobs": True, "top_logprobs": 4, "stream": True,
-                              "stream_options": {"include_usage": True}, "user": "ignored"}, "m")
+                              "stream_options": {"include_usage": True}, "user": "ignored", "ignore_eos": True}, "m")
     assert req.sampling == {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.1, "repetition_penalty": 1.2,
                             "seed": 5}
     assert (req.max_tokens, req.stop, req.logprobs, req.stream, req.include_usage) == (12, ("END",), 4, True, True)
+    assert req.ignore_eos
     plain = parse_chat_request({"messages": USER}, "m")  # no model named: the one served
     assert (plain.max_tokens, plain.logprobs, plain.stream, plain.sampling) == (None, None, False, {})
     assert parse_chat_request({"messages": USER, "logprobs": True}, "m").logprobs == 0

@@ -212,7 +212,7 @@ def test_stop_seed_and_sampling_options(client, model):
         min_p=0.05, repetition_penalty=1.1))
 
 
-def test_four_concurrent_clients_get_their_solo_tokens(client):
+def test_four_concurrent_clients_get_their_solo_tokens(client, server):
     solo = [chat(client, q).choices[0].message.content for q in QUESTIONS]
     results, errors = [None] * 4, []
     start = threading.Barrier(4)
@@ -227,12 +227,16 @@ def test_four_concurrent_clients_get_their_solo_tokens(client):
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
+    batcher = server[1].model.backend.batcher
+    before = (batcher.batches, batcher.steps)
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
     assert not errors and results == solo
+    batches, steps = batcher.batches - before[0], batcher.steps - before[1]
+    assert batches < 0.7 * steps, (batches, steps)  # their decode steps ran together
 
 
 def wait_for_free_slots(state, timeout=60.0) -> None:
@@ -375,13 +379,21 @@ def test_200_sequential_requests_keep_rss_flat(client, server):
     assert server[1].slots.used == 0
 
 
+def served_line(proc) -> str:
+    """The server's "edgephi serve: model ... at URL" line (after any first-run compile notice)."""
+    for line in proc.stderr:
+        if line.startswith("edgephi serve:"):
+            return line
+    raise AssertionError("the server exited without serving")
+
+
 def test_serve_command(default_model_cache, model_dir, tmp_path):
     """The CLI as a user starts it: a free port, a key, a clean stop on SIGINT."""
     env = dict(os.environ, EDGEPHI_CACHE=str(default_model_cache), PYTHONPATH=str(ROOT), EDGEPHI_API_KEY="k1")
     proc = subprocess.Popen(EDGEPHI + ["serve", "--port", "0", "--context", str(CONTEXT), "--name", "local"],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
-        line = proc.stderr.readline()
+        line = served_line(proc)
         found = re.search(r"model 'local' at http://127\.0\.0\.1:(\d+)/v1 .*API key required", line)
         assert found, line
         url = f"http://127.0.0.1:{found.group(1)}"
@@ -415,7 +427,7 @@ def test_sigterm_stops_the_server_cleanly(default_model_cache):
     proc = subprocess.Popen(EDGEPHI + ["serve", "--port", "0", "--host", "127.0.0.1"], stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
     try:
-        line = proc.stderr.readline()
+        line = served_line(proc)
         assert "edgephi serve: model 'smollm2-135m-instruct' at http://127.0.0.1:" in line, line
         assert "API key" not in line
     finally:
