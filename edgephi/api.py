@@ -14,6 +14,7 @@ import numpy as np
 
 from .backend import Backend, check_context, check_tokens
 from .chat import ChatSession
+from .constrained import JsonConstraint
 from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_tokens, check_stop, text_stream,
                        token_stream)
 from .errors import EdgephiError
@@ -81,31 +82,48 @@ class LanguageModel:
         return ids
 
     def generate_tokens(self, prompt_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None, ignore_eos: bool = False,
-                        stats: GenerationStats | None = None, logprobs: int | None = None, **sampling) -> Iterator[int]:
+                        stats: GenerationStats | None = None, logprobs: int | None = None, json_schema=None,
+                        **sampling) -> Iterator[int]:
         """Token ids continuing prompt_ids in a fresh context. sampling: temperature, top_k,
         top_p, min_p, repetition_penalty, seed (see SamplingParams). logprobs=K records each id's
-        log-probability and the K likeliest ids' in stats.logprobs (TokenLogprobs)."""
+        log-probability and the K likeliest ids' in stats.logprobs (TokenLogprobs). json_schema:
+        as in stream_ids."""
         return self._fresh_stream(self.prompt_ids(list(prompt_ids)), max_new_tokens, check_stop(stop), ignore_eos,
-                                  stats, logprobs, sampling)
+                                  stats, logprobs, sampling, json_schema)
 
-    def _fresh_stream(self, ids, max_new_tokens, stop, ignore_eos, stats, logprobs, sampling) -> Iterator[int]:
+    def _fresh_stream(self, ids, max_new_tokens, stop, ignore_eos, stats, logprobs, sampling,
+                      json_schema=None) -> Iterator[int]:
         params = SamplingParams(**sampling)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         logprobs = None if logprobs is None else check_top_logprobs(logprobs)
+        constraint = None
+        if json_schema is not None:
+            constraint = json_schema if isinstance(json_schema, JsonConstraint) else self.json_constraint(json_schema)
         return token_stream(self, self.sequence(), ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
-                            ignore_eos=ignore_eos, stats=stats, logprobs=logprobs)
+                            ignore_eos=ignore_eos, stats=stats, logprobs=logprobs, constraint=constraint)
+
+    def json_constraint(self, schema: dict) -> JsonConstraint:
+        """A generation's JSON constraint for `schema` (a JSON Schema dict; {"type": "object"} for
+        any object), compiled now: a ValueError here names what the engine cannot compile. Pass
+        it as json_schema= to one generation."""
+        cfg = self.generation_config
+        return JsonConstraint(schema, self.tokenizer, list(cfg.get("eos_token_ids", [])), cfg.get("bos_token_id"))
 
     def stream(self, prompt, *, special_tokens: bool = False, **options) -> Iterator[str]:
         """Text pieces (always whole UTF-8 characters) continuing `prompt` (see stream_ids)."""
         return self.stream_ids(self.prompt_ids(prompt, special_tokens), **options)
 
     def stream_ids(self, ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stop=None, ignore_eos: bool = False,
-                   stats: GenerationStats | None = None, logprobs: int | None = None, **sampling) -> Iterator[str]:
+                   stats: GenerationStats | None = None, logprobs: int | None = None, json_schema=None,
+                   **sampling) -> Iterator[str]:
         """Text pieces continuing exactly these token ids (no BOS added) in a fresh context; the text
-        ends before the first stop string. logprobs: as in generate_tokens."""
+        ends before the first stop string. logprobs: as in generate_tokens. json_schema: a JSON
+        Schema (dict) the output must match, or a json_constraint() of one: only tokens that keep
+        it a valid prefix of a matching document are sampled, and it ends when the document does
+        (needs the json extra, llguidance)."""
         stop = check_stop(stop)
         tokens = self._fresh_stream(self.check_tokens(ids).tolist(), max_new_tokens, stop, ignore_eos, stats, logprobs,
-                                    sampling)
+                                    sampling, json_schema)
         return text_stream(self.tokenizer, tokens, stop)
 
     @cached_property

@@ -74,12 +74,15 @@ def check_max_new_tokens(n) -> int:
 
 def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams, max_new_tokens: int,
                  stop: tuple[str, ...] = (), ignore_eos: bool = False, context_ids: list[int] | None = None,
-                 stats: GenerationStats | None = None, logprobs: int | None = None) -> Iterator[int]:
+                 stats: GenerationStats | None = None, logprobs: int | None = None,
+                 constraint=None) -> Iterator[int]:
     """Feed new_ids into `sequence` (one of model's), then sample up to max_new_tokens ids.
 
     context_ids: every id already in the context before new_ids (for the repetition penalty).
     logprobs: record in stats.logprobs each generated id's log-probability under the model (before
     sampling's changes) and the `logprobs` likeliest ids' (0: the chosen id's alone).
+    constraint: a constrained.JsonConstraint: ids it rules out are never sampled, and the
+    generation ends once its document is complete (no prompt-lookup drafts then).
     The token that ends the turn is not yielded and not fed; a token completing a stop string is.
     A fresh sequence takes what the model's PrefixCache holds of new_ids, and when the generation
     ends the cache is offered the sequence's prompt (after the reply: the copy never delays it).
@@ -108,6 +111,8 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
     try:
         while len(generated) < max_new_tokens:
             previous = history if params.repetition_penalty != 1.0 else None
+            if constraint is not None:
+                constraint.mask(rows[i])
             if i < len(drafts):
                 token = accept_draft(rows[i], drafts[i], params, rng, previous)
             else:
@@ -119,6 +124,10 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
             stats.generated_tokens = len(generated)
             if logprobs is not None:
                 stats.logprobs.append(token_logprobs(rows[i], token, logprobs))
+            if constraint is not None:
+                constraint.advance(token)
+                if constraint.complete:
+                    stats.finish_reason = "stop"
             if stops:  # decided before yielding: a consumer that stops at the stop string closes us there
                 if stops.feed(tail.decode(model.tokenizer.decode_bytes([token]))) is not None:
                     stats.finish_reason = "stop"
@@ -134,7 +143,7 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
                 continue
             if i < len(drafts):  # a wrong guess: the cache forgets it and the drafts after it
                 sequence.truncate(sequence.next_pos - (len(drafts) - i))
-            drafts, i = _drafts(sequence, history, params.lookup), 0
+            drafts, i = (_drafts(sequence, history, params.lookup) if constraint is None else []), 0
             if drafts:
                 rows = sequence.feed([token] + drafts, all_logits=True, verify=True)[:, :n_vocab]
                 stats.drafts_proposed += len(drafts)

@@ -9,6 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from .constrained import ANY_OBJECT
 from .generate import GenerationStats
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
 
@@ -48,6 +49,7 @@ class GenerationRequest:
     prompt: str | list[int] | None = None  # completions
     echo: bool = False  # completions: the prompt's text before the completion
     ignore_eos: bool = False  # llama.cpp's extension: go on past the end-of-turn token (benchmarks)
+    json_schema: dict | None = None  # response_format's: the output must be a document matching it
 
 
 def _is_int(v) -> bool:
@@ -166,11 +168,29 @@ def parse_chat_request(body, model_id: str) -> GenerationRequest:
                                  f"an integer in [0, {MAX_TOP_LOGPROBS}]", 0)
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    f.unsupported("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-                  "is not supported yet: only {\"type\": \"text\"}")
+    request.json_schema = _response_format(body.get("response_format"))
     f.unsupported("tools", lambda v: v == [], "are not supported yet")
     f.unsupported("tool_choice", lambda v: v == "none", "is not supported yet (only \"none\")")
     return request
+
+
+def _response_format(value) -> dict | None:
+    """response_format: text (None), json_object (any JSON object) or json_schema's schema."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return dict(ANY_OBJECT)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema must be an object with a \"schema\" object",
+                           param="response_format")
+        return schema
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format")
 
 
 def parse_completion_request(body, model_id: str) -> GenerationRequest:
@@ -197,6 +217,7 @@ def parse_completion_request(body, model_id: str) -> GenerationRequest:
                        param="echo")
     f.get("best_of", lambda v: v == 1, "1")
     f.unsupported("suffix", lambda v: v == "", "is not supported")
+    request.json_schema = _response_format(body.get("response_format"))  # llama.cpp's server takes it here too
     return request
 
 

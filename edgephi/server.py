@@ -172,6 +172,18 @@ class ServerState:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
+    def constraint(self, request: GenerationRequest):
+        """The request's JSON constraint, compiled (in a worker thread), or None."""
+        if request.json_schema is None:
+            return None
+        try:
+            return self.model.json_constraint(request.json_schema)
+        except ValueError as exc:
+            raise ApiError(400, f"response_format: {exc}", param="response_format",
+                           code="invalid_json_schema") from None
+        except EdgephiError as exc:
+            raise ApiError(501, str(exc), param="response_format", kind="server_error") from None
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The request's prompt as token ids (in a worker thread: templates and long texts take time)."""
         model = self.model
@@ -229,10 +241,11 @@ def create_app(model, *, model_id: str | None = None, max_sessions: int = DEFAUL
                            code="too_many_sessions")
         try:
             ids = await asyncio.to_thread(state.prompt_ids, req)
+            constraint = await asyncio.to_thread(state.constraint, req)
             stats = GenerationStats()
             max_tokens = model.context - len(ids) if req.max_tokens is None else req.max_tokens
             options = dict(max_new_tokens=max_tokens, stop=req.stop, stats=stats, logprobs=req.logprobs,
-                           ignore_eos=req.ignore_eos, **req.sampling)
+                           ignore_eos=req.ignore_eos, json_schema=constraint, **req.sampling)
             generation = Generation(lambda: model.stream_ids(ids, **options), stats, state.generation_ended)
         except BaseException:
             state.slots.give_back()

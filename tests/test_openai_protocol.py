@@ -41,6 +41,17 @@ def test_chat_messages_take_openai_forms():
                             {"role": "assistant", "content": "Hi."}]
 
 
+def test_response_formats():
+    def schema(fmt):
+        return parse_chat_request({"messages": USER, "response_format": fmt}, "m").json_schema
+
+    assert schema({"type": "text"}) is None and schema(None) is None
+    assert schema({"type": "json_object"}) == {"type": "object"}
+    wanted = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert schema({"type": "json_schema", "json_schema": {"name": "x", "schema": wanted, "strict": True}}) == wanted
+    assert parse_completion_request({"prompt": "x", "response_format": {"type": "json_object"}}, "m").json_schema
+
+
 def test_completion_prompts_and_defaults():
     assert parse_completion_request({"prompt": "x"}, "m").max_tokens == 16  # OpenAI's default
     assert parse_completion_request({"prompt": ["x"]}, "m").prompt == "x"
@@ -62,7 +73,9 @@ def test_completion_prompts_and_defaults():
     ({"messages": USER, "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ({"messages": [{"role": "user"}]}, 400, "messages"),
     ({"messages": "hi"}, 400, "messages"),
-    ({"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, 400,
+     "response_format"),
     ({"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
 ])
 def test_chat_refusals_name_the_field(body, status, param):

@@ -308,6 +308,11 @@ BAD = [
     ("top_logprobs alone", {"top_logprobs": 2}, 400, "invalid_request_error", "top_logprobs"),
     ("too many top_logprobs", {"logprobs": True, "top_logprobs": 21}, 400, "invalid_request_error", "top_logprobs"),
     ("presence penalty", {"presence_penalty": 0.5}, 400, "invalid_request_error", "presence_penalty"),
+    ("unknown response format", {"response_format": {"type": "yaml"}}, 400, "invalid_request_error",
+     "response_format"),
+    ("schema the engine cannot compile", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(unclosed"}}}}, 400, "invalid_request_error",
+     "response_format"),
     ("stop not strings", {"stop": [1, 2]}, 400, "invalid_request_error", "stop"),
     ("prompt over the context", {"messages": [{"role": "user", "content": "word " * 600}]}, 400,
      "invalid_request_error", "messages"),
@@ -443,3 +448,32 @@ def test_without_the_serve_extra_one_line_says_what_to_install(default_model_cac
     done = subprocess.run([sys.executable, "-c", blocked, "serve", "--port", "0"], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=120)
     assert done.returncode == 1 and done.stderr == "Error: edgephi serve needs its extra: pip install 'edgephi[serve]'\n"
+
+
+JSON_SCHEMAS = [
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                      "population": {"type": "integer", "minimum": 0}},
+     "required": ["city", "population"], "additionalProperties": False},
+    {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                      "reasons": {"type": "array", "items": {"type": "string", "maxLength": 30},
+                                                  "maxItems": 3}},
+     "required": ["answer", "reasons"], "additionalProperties": False},
+]
+
+
+def test_response_format_json_schema_and_json_object(client):
+    import jsonschema
+
+    for i, schema in enumerate(JSON_SCHEMAS):
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+        for options in ({}, {"temperature": 1.0, "seed": 5}):
+            done = chat(client, QUESTIONS[0], response_format=fmt, max_tokens=200, **options)
+            jsonschema.validate(json.loads(done.choices[0].message.content), schema)
+            assert done.choices[0].finish_reason == "stop"
+        text, _ = streamed_text(chat(client, QUESTIONS[1], response_format=fmt, max_tokens=200, stream=True))
+        jsonschema.validate(json.loads(text), schema)
+    anything = chat(client, QUESTIONS[3], response_format={"type": "json_object"}, max_tokens=200)
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError, match="cannot be compiled"):
+        chat(client, "hi", response_format={"type": "json_schema", "json_schema": {
+            "name": "bad", "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}}})
