@@ -17,6 +17,12 @@ import numpy as np
 from .errors import EdgephiError
 
 ANY_OBJECT = {"type": "object"}  # OpenAI's json_object mode: some JSON object
+# Between tokens of the document: nothing, a space, or a newline and up to 20 spaces or tabs of
+# indent, as llama.cpp's JSON grammars allow. llguidance's default takes any run of whitespace,
+# where a small model can pile up newlines until its tokens run out.
+WHITESPACE = r"(\x20|\x0A[\x20\x09]{0,20})?"
+INTEGER_LIMIT = 10**15 - 1  # an integer without a bound gets this one (15 digits, as llama.cpp's grammars)
+_LITERALS = ("const", "enum", "default", "examples")  # values, not schemas: left as they are
 _views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its llguidance view
 _views_lock = threading.Lock()
 
@@ -70,6 +76,25 @@ def check_json_schema(schema) -> dict:
     return schema
 
 
+def bounded(schema):
+    """The schema with every unbounded integer kept to INTEGER_LIMIT: an integer's digits are
+    otherwise endless to the grammar, and a small model can write 1111... until its tokens end."""
+    if isinstance(schema, list):
+        return [bounded(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in _LITERALS else bounded(v)) for k, v in schema.items()}
+    kinds = out.get("type")
+    if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            low = out.get("minimum", out.get("exclusiveMinimum", 0))
+            out["maximum"] = max(INTEGER_LIMIT, low) if isinstance(low, (int, float)) else INTEGER_LIMIT
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            top = out.get("maximum", out.get("exclusiveMaximum", 0))
+            out["minimum"] = min(-INTEGER_LIMIT, top) if isinstance(top, (int, float)) else -INTEGER_LIMIT
+    return out
+
+
 class JsonConstraint:
     """One generation's constraint: mask(logits) before sampling, then advance(token)."""
 
@@ -78,7 +103,8 @@ class JsonConstraint:
         if not eos_ids:
             raise EdgephiError("JSON-constrained output needs the model's end-of-turn token, and it has none")
         view = _tokenizer_view(tokenizer, eos_ids, bos_id)
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(check_json_schema(schema))
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(bounded(check_json_schema(schema)),
+                                                                overrides={"whitespace_pattern": WHITESPACE})
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, view)
         if is_error:
             raise ValueError(f"json_schema cannot be compiled: {' '.join(messages[0].split())}")

@@ -84,7 +84,8 @@ def test_plain_generation_is_not_constrained(model):
 
 
 def test_completions_and_token_ids_take_the_schema_too(model):
-    ids = list(model.generate_tokens("The answer, as JSON:", json_schema=SCHEMAS["numbers"], max_new_tokens=120))
+    ids = list(model.generate_tokens(model.prompt_ids("The answer, as JSON:"), json_schema=SCHEMAS["numbers"],
+                                     max_new_tokens=120))
     jsonschema.validate(json.loads(model.tokenizer.decode(ids)), SCHEMAS["numbers"])
     text = model.generate("Some JSON:", json_schema={"type": "object"}, max_new_tokens=200, temperature=0.7, seed=4)
     assert isinstance(json.loads(text), dict)
