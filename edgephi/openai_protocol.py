@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .constrained import ANY_OBJECT
 from .generate import GenerationStats
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs
+from .tool_calls import calls_as_text
 
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; llama.cpp's server any number)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs limit in OpenAI's API
@@ -50,6 +51,7 @@ class GenerationRequest:
     echo: bool = False  # completions: the prompt's text before the completion
     ignore_eos: bool = False  # llama.cpp's extension: go on past the end-of-turn token (benchmarks)
     json_schema: dict | None = None  # response_format's: the output must be a document matching it
+    tools: list[dict] | None = None  # chat: OpenAI's function tools offered to the model
 
 
 def _is_int(v) -> bool:
@@ -161,7 +163,16 @@ def parse_chat_request(body, model_id: str) -> GenerationRequest:
         if role not in ("system", "user", "assistant", "tool"):
             raise ApiError(400, f"messages[{i}].role must be system, developer, user, assistant or tool, got "
                            f"{role!r}", param="messages")
-        request.messages.append({"role": role, "content": _message_text(i, m.get("content"))})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls:
+            if not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise ApiError(400, f"messages[{i}].tool_calls must be a list of function calls", param="messages")
+            content = "" if m.get("content") is None else _message_text(i, m.get("content"))
+            request.messages.append({"role": role, "content": content + calls_as_text(calls)})
+        else:
+            request.messages.append({"role": role, "content": _message_text(i, m.get("content"))})
     _common(f, request, ("max_tokens", "max_completion_tokens"))
     if f.get("logprobs", lambda v: isinstance(v, bool), "true or false", False):
         request.logprobs = f.get("top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
@@ -169,8 +180,12 @@ def parse_chat_request(body, model_id: str) -> GenerationRequest:
     elif body.get("top_logprobs") is not None:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     request.json_schema = _response_format(body.get("response_format"))
-    f.unsupported("tools", lambda v: v == [], "are not supported yet")
-    f.unsupported("tool_choice", lambda v: v == "none", "is not supported yet (only \"none\")")
+    tools = f.get("tools", lambda v: isinstance(v, list) and all(
+        isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str) for t in v), "a list of {type: function, function: {name, ...}}")
+    choice = f.get("tool_choice", lambda v: v in ("none", "auto"), "\"auto\" or \"none\" (a required or named "
+                   "tool is not supported)", "auto")
+    request.tools = tools if tools and choice == "auto" else None
     return request
 
 
@@ -275,10 +290,14 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprobs], offset: int) ->
             "text_offset": offsets}
 
 
-def chat_response(ids: ResponseIds, text: str, stats: GenerationStats, logprobs: dict | None) -> dict:
+def chat_response(ids: ResponseIds, text: str | None, stats: GenerationStats, logprobs: dict | None,
+                  tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {**ids.head("chat.completion"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": stats.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                         "finish_reason": "tool_calls" if tool_calls else stats.finish_reason}],
             "usage": usage(stats)}
 
 

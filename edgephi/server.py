@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from . import __version__
 from .errors import EdgephiError
 from .generate import GenerationStats
+from .tool_calls import parse_reply, template_takes_tools, with_tools
 from .openai_protocol import (ApiError, GenerationRequest, ResponseIds, chat_chunk, chat_logprobs, chat_response,
                               completion_chunk, completion_logprobs, completion_response, error_body,
                               parse_chat_request, parse_completion_request, usage_chunk)
@@ -190,7 +191,13 @@ class ServerState:
         param = "messages" if request.messages is not None else "prompt"
         try:
             if request.messages is not None:
-                ids = model.chat_ids(request.messages)
+                messages = request.messages
+                if request.tools:
+                    if not template_takes_tools(model.generation_config.get("chat_template")):
+                        raise ApiError(400, f"tools: the chat template of '{self.model_id}' offers the model no "
+                                       "tools (Phi-4-mini's does)", param="tools")
+                    messages = with_tools(messages, request.tools)
+                ids = model.chat_ids(messages)
             else:
                 ids = model.prompt_ids(request.prompt)
                 model.check_tokens(ids)
@@ -293,8 +300,11 @@ async def _whole(generation: Generation, ids: ResponseIds, req: GenerationReques
         raise ApiError(499, "the client closed the request")
     content = echo + "".join(text)
     if chat:
+        calls = None
+        if req.tools:
+            content, calls = parse_reply(content)
         return chat_response(ids, content, generation.stats,
-                             chat_logprobs(tokenizer, entries) if req.logprobs is not None else None)
+                             chat_logprobs(tokenizer, entries) if req.logprobs is not None else None, calls)
     return completion_response(ids, content, generation.stats,
                                completion_logprobs(tokenizer, entries, len(echo)) if req.logprobs is not None
                                else None)
@@ -312,6 +322,10 @@ async def _chat_events(generation: Generation, ids: ResponseIds, req: Generation
                        echo: str) -> AsyncIterator[bytes]:
     usage = req.include_usage
     yield _sse(chat_chunk(ids, {"role": "assistant", "content": ""}, with_usage=usage))
+    if req.tools:  # a call is known only once its block is whole: the reply comes in one piece
+        async for chunk in _chat_tool_events(generation, ids, req, tokenizer):
+            yield chunk
+        return
     async for kind, value, logprobs in generation.events():
         lp = chat_logprobs(tokenizer, logprobs) if req.logprobs is not None else None
         if kind == "piece":
@@ -323,6 +337,32 @@ async def _chat_events(generation: Generation, ids: ResponseIds, req: Generation
                 yield _sse(usage_chunk(ids, generation.stats))
         else:
             yield _error_event(value)
+    yield b"data: [DONE]\n\n"
+
+
+async def _chat_tool_events(generation: Generation, ids: ResponseIds, req: GenerationRequest,
+                            tokenizer) -> AsyncIterator[bytes]:
+    usage = req.include_usage
+    text, entries = [], []
+    async for kind, value, logprobs in generation.events():
+        if kind == "error":
+            yield _error_event(value)
+            yield b"data: [DONE]\n\n"
+            return
+        text.append(value)
+        entries += logprobs
+    content, calls = parse_reply("".join(text))
+    lp = chat_logprobs(tokenizer, entries) if req.logprobs is not None else None
+    if content:
+        yield _sse(chat_chunk(ids, {"content": content}, logprobs=lp, with_usage=usage))
+        lp = None
+    if calls:
+        delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+        yield _sse(chat_chunk(ids, delta, logprobs=lp, with_usage=usage))
+    finish = "tool_calls" if calls else generation.stats.finish_reason
+    yield _sse(chat_chunk(ids, {}, finish_reason=finish, with_usage=usage))
+    if usage:
+        yield _sse(usage_chunk(ids, generation.stats))
     yield b"data: [DONE]\n\n"
 
 

@@ -308,6 +308,8 @@ BAD = [
     ("top_logprobs alone", {"top_logprobs": 2}, 400, "invalid_request_error", "top_logprobs"),
     ("too many top_logprobs", {"logprobs": True, "top_logprobs": 21}, 400, "invalid_request_error", "top_logprobs"),
     ("presence penalty", {"presence_penalty": 0.5}, 400, "invalid_request_error", "presence_penalty"),
+    ("tools on a template without them", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "invalid_request_error", "tools"),
     ("unknown response format", {"response_format": {"type": "yaml"}}, 400, "invalid_request_error",
      "response_format"),
     ("schema the engine cannot compile", {"response_format": {"type": "json_schema", "json_schema": {
