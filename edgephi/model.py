@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numba
@@ -55,6 +56,31 @@ KERNEL_LOCK = threading.Lock()
 def kv_arrays(cache: KVCache) -> KvArrays:
     """The ring as the next forward step reads it."""
     return KvArrays(cache.k, cache.v, cache.k_scale, cache.v_scale, cache.slot_pos, cache.n_slots, cache.long_rope)
+
+
+def compiled(kernel, args, on_compile: Callable[[int, float], None] | None):
+    """The kernel's machine code for these arguments' types, loaded from numba's cache; on a first
+    run compiled, telling on_compile(functions compiled, seconds) as it goes."""
+    signature = tuple(numba.typeof(a) for a in args)
+    if on_compile is not None and not is_cached(kernel, signature):
+        with compile_progress(on_compile):
+            return kernel.compile(signature)
+    return kernel.compile(signature)
+
+
+@contextmanager
+def kernel_threads(threads: int):
+    """Under KERNEL_LOCK, with numba's thread count set to `threads` for the calling thread and
+    the calling app's own count given back afterwards (numba keeps it per calling thread)."""
+    with KERNEL_LOCK:
+        app_threads = numba.get_num_threads()
+        if app_threads != threads:
+            numba.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            if app_threads != threads:
+                numba.set_num_threads(app_threads)
 
 
 def prefill_chunk_tokens(cfg: ModelConfig) -> int:
@@ -157,26 +183,19 @@ class NumbaBackend:
         run = self._batch_kernel()
         for cache in caches:
             self._switch_rope_if_needed(cache, cache.next_pos)
-        with KERNEL_LOCK:
-            app_threads = numba.get_num_threads()
-            if app_threads != self.threads:
-                numba.set_num_threads(self.threads)
-            try:
-                ids, positions, slots = self._batch_ids[:B], self._batch_positions[:B], self._batch_slots[:B]
-                rings = List.empty_list(self._kv_type)
-                for b, cache in enumerate(caches):
-                    cache.token[0] = ids[b] = tokens[b]
-                    pos, slot = cache.append(cache.token)
-                    positions[b], slots[b] = pos[0], slot[0]
-                    rings.append(kv_arrays(cache))
-                scratch = self._scratch_for(self.prefill_chunk, max(c.capacity for c in caches))
-                logits = self._batch_logits[:B]
-                nonfinite = run(ids, positions, slots, self.transformer, rings, scratch, logits)
-                for b, cache in enumerate(caches):
-                    cache.logits[0] = logits[b]
-            finally:
-                if app_threads != self.threads:
-                    numba.set_num_threads(app_threads)
+        with kernel_threads(self.threads):  # which also guards the shared scratch
+            ids, positions, slots = self._batch_ids[:B], self._batch_positions[:B], self._batch_slots[:B]
+            rings = List.empty_list(self._kv_type)
+            for b, cache in enumerate(caches):
+                cache.token[0] = ids[b] = tokens[b]
+                pos, slot = cache.append(cache.token)
+                positions[b], slots[b] = pos[0], slot[0]
+                rings.append(kv_arrays(cache))
+            scratch = self._scratch_for(self.prefill_chunk, max(c.capacity for c in caches))
+            logits = self._batch_logits[:B]
+            nonfinite = run(ids, positions, slots, self.transformer, rings, scratch, logits)
+            for b, cache in enumerate(caches):
+                cache.logits[0] = logits[b]
         if nonfinite:
             raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: the model computed {nonfinite} non-finite "
                                    f"values (NaN or Inf) in a decode step of {B} sequences: its weights hold values "
@@ -202,12 +221,7 @@ class NumbaBackend:
                 self._batch_logits = np.zeros((MAX_BATCH, cfg.vocab_size), np.float32)
                 args = (self._batch_ids, self._batch_positions, self._batch_slots, self.transformer, rings,
                         self._scratch_for(self.prefill_chunk, 2), self._batch_logits)
-                signature = tuple(numba.typeof(a) for a in args)
-                if on_compile is not None and not is_cached(forward_batch, signature):
-                    with compile_progress(on_compile):
-                        self._batch_step = forward_batch.compile(signature)
-                else:
-                    self._batch_step = forward_batch.compile(signature)
+                self._batch_step = compiled(forward_batch, args, on_compile)
                 release_compiler_pages()
             return self._batch_step
 
@@ -248,12 +262,7 @@ class NumbaBackend:
         args = (one, one, one, self.transformer, kv_arrays(cache), self._scratch_for(1, 2), logits, False)
         # A decode step's arguments are the cache's own buffers, of exactly these types: calling the
         # compiled code directly skips numba's type resolution of the records (0.5-1 ms a token).
-        signature = tuple(numba.typeof(a) for a in args)
-        if on_compile is not None and not is_cached(forward, signature):
-            with compile_progress(on_compile):
-                self._decode_step = forward.compile(signature)
-        else:
-            self._decode_step = forward.compile(signature)
+        self._decode_step = compiled(forward, args, on_compile)
         for rows in (cache.k, cache.k_scale):  # loaded now, not at a second session's first token
             copy_first_rows(rows, np.empty_like(rows), 1)
         release_compiler_pages()
@@ -270,22 +279,15 @@ class NumbaBackend:
         """One forward step of len(tokens) <= prefill_chunk new tokens into `cache`, writing the
         logits of every token (logits (T, V)) or of the last one (logits (1, V)). prompt: a prompt
         step (forward's `prompt`), else a decode or verify step."""
-        with KERNEL_LOCK:  # which also guards the shared scratch
-            app_threads = numba.get_num_threads()  # numba keeps the count per calling thread
-            if app_threads != self.threads:
-                numba.set_num_threads(self.threads)
-            try:
-                positions, slots = cache.append(tokens)
-                one = len(tokens) == 1 and not prompt  # a one-token prompt step needs the lanes of a longer step
-                scratch = self._scratch_for(1 if one else self.prefill_chunk, cache.capacity)
-                run_forward = self._decode_step if tokens is cache.token else forward
-                nonfinite = run_forward(tokens, positions, slots, self.transformer, kv_arrays(cache), scratch, logits,
-                                        prompt)
-                if prompt:
-                    cache.note_prompt_step(int(positions[0]))
-            finally:
-                if app_threads != self.threads:  # the calling app's own numba code keeps its count
-                    numba.set_num_threads(app_threads)
+        with kernel_threads(self.threads):  # which also guards the shared scratch
+            positions, slots = cache.append(tokens)
+            one = len(tokens) == 1 and not prompt  # a one-token prompt step needs the lanes of a longer step
+            scratch = self._scratch_for(1 if one else self.prefill_chunk, cache.capacity)
+            run_forward = self._decode_step if tokens is cache.token else forward
+            nonfinite = run_forward(tokens, positions, slots, self.transformer, kv_arrays(cache), scratch, logits,
+                                    prompt)
+            if prompt:
+                cache.note_prompt_step(int(positions[0]))
         if nonfinite:
             raise ModelFormatError(f"{self.folder / WEIGHTS_FILE}: the model computed {nonfinite} non-finite "
                                    f"values (NaN or Inf) at position {int(positions[-1])}: its weights hold "

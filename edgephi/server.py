@@ -326,14 +326,26 @@ async def _chat_events(generation: Generation, ids: ResponseIds, req: Generation
         async for chunk in _chat_tool_events(generation, ids, req, tokenizer):
             yield chunk
         return
+
+    def chunk(text, lp, finish):
+        return chat_chunk(ids, {} if finish else {"content": text}, finish_reason=finish, logprobs=lp,
+                          with_usage=usage)
+
+    async for event in _pieces(generation, ids, req, chunk, lambda entries, text: chat_logprobs(tokenizer, entries)):
+        yield event
+
+
+async def _pieces(generation: Generation, ids: ResponseIds, req: GenerationRequest, chunk, logprobs_of
+                  ) -> AsyncIterator[bytes]:
+    """A generation's events as SSE: chunk(text, logprobs, finish_reason) per piece and at the
+    end, then the usage chunk if asked for, then [DONE]; logprobs_of(entries, text) of each piece."""
     async for kind, value, logprobs in generation.events():
-        lp = chat_logprobs(tokenizer, logprobs) if req.logprobs is not None else None
+        lp = logprobs_of(logprobs, value) if req.logprobs is not None else None
         if kind == "piece":
-            yield _sse(chat_chunk(ids, {"content": value}, logprobs=lp, with_usage=usage))
+            yield _sse(chunk(value, lp, None))
         elif kind == "end":
-            yield _sse(chat_chunk(ids, {}, finish_reason=generation.stats.finish_reason, logprobs=lp,
-                                  with_usage=usage))
-            if usage:
+            yield _sse(chunk("", lp, generation.stats.finish_reason))
+            if req.include_usage:
                 yield _sse(usage_chunk(ids, generation.stats))
         else:
             yield _error_event(value)
@@ -369,22 +381,20 @@ async def _chat_tool_events(generation: Generation, ids: ResponseIds, req: Gener
 async def _completion_events(generation: Generation, ids: ResponseIds, req: GenerationRequest, tokenizer,
                              echo: str) -> AsyncIterator[bytes]:
     usage = req.include_usage
-    offset = len(echo)
+    offset = [len(echo)]  # the text's length before the piece: its tokens' text_offset
     if echo:
         yield _sse(completion_chunk(ids, echo, with_usage=usage))
-    async for kind, value, logprobs in generation.events():
-        lp = completion_logprobs(tokenizer, logprobs, offset) if req.logprobs is not None else None
-        if kind == "piece":
-            yield _sse(completion_chunk(ids, value, logprobs=lp, with_usage=usage))
-            offset += len(value)
-        elif kind == "end":
-            yield _sse(completion_chunk(ids, "", finish_reason=generation.stats.finish_reason, logprobs=lp,
-                                        with_usage=usage))
-            if usage:
-                yield _sse(usage_chunk(ids, generation.stats))
-        else:
-            yield _error_event(value)
-    yield b"data: [DONE]\n\n"
+
+    def chunk(text, lp, finish):
+        return completion_chunk(ids, text, finish_reason=finish, logprobs=lp, with_usage=usage)
+
+    def logprobs_of(entries, text):
+        lp = completion_logprobs(tokenizer, entries, offset[0])
+        offset[0] += len(text)
+        return lp
+
+    async for event in _pieces(generation, ids, req, chunk, logprobs_of):
+        yield event
 
 
 class EventStream:

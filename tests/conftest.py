@@ -138,6 +138,25 @@ def checkpoint_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def converted(checkpoint_factory, tmp_path_factory):
+    """converted(variant, quant) -> that checkpoint converted to an edgephi folder at `quant` (f32:
+    float32 embeddings too), built once per run: read it, never modify."""
+    built = {}
+
+    def get(variant, quant):
+        if (variant, quant) not in built:
+            from edgephi.convert import convert
+
+            out = tmp_path_factory.mktemp("converted") / f"{variant}-{quant}"
+            convert(checkpoint_factory(variant), out, quant=quant,
+                    **({"embed_quant": "f32"} if quant == "f32" else {}))
+            built[variant, quant] = out
+        return built[variant, quant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def default_model_cache(smollm2_gguf) -> Path:
     """This run's EDGEPHI_CACHE holding the converted default model, as a first `edgephi chat` leaves
     it: converted once per run from the GGUF fixture, which is the default preset's pinned file."""

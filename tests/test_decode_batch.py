@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import edgephi
-from edgephi.convert import convert
 from edgephi.decode_batch import StepBatcher
 from tests.fixtures import random_ids
 
@@ -125,20 +124,6 @@ def test_an_error_reaches_every_step_of_its_batch():
 
 
 # -- the batched forward step against solo decode steps --------------------------------------------
-
-@pytest.fixture(scope="module")
-def converted(checkpoint_factory, tmp_path_factory):
-    built = {}
-
-    def get(variant, quant):
-        if (variant, quant) not in built:
-            out = tmp_path_factory.mktemp("batch") / f"{variant}-{quant}"
-            convert(checkpoint_factory(variant), out, quant=quant,
-                    **({"embed_quant": "f32"} if quant == "f32" else {}))
-            built[variant, quant] = out
-        return built[variant, quant]
-
-    return get
 
 
 def twin_sequences(model, prompts, capacities):

@@ -6,25 +6,9 @@ import numpy as np
 import pytest
 
 import edgephi
-from edgephi.convert import convert
 from edgephi.generate import GenerationStats
 from edgephi.prefix_cache import PrefixCache
 from tests.fixtures import hf_logits, random_ids, rel_err
-
-
-@pytest.fixture(scope="module")
-def converted(checkpoint_factory, tmp_path_factory):
-    """(variant, quant) -> a converted model folder, built once."""
-    built = {}
-
-    def get(variant, quant):
-        if (variant, quant) not in built:
-            out = tmp_path_factory.mktemp("prefix") / f"{variant}-{quant}"
-            convert(checkpoint_factory(variant), out, quant=quant, **({"embed_quant": "f32"} if quant == "f32" else {}))
-            built[variant, quant] = out
-        return built[variant, quant]
-
-    return get
 
 
 def cold_logits(folder, ids, **load):
