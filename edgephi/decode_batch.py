@@ -45,7 +45,10 @@ class StepBatcher:
             self._last.discard(id(cache))
 
     def step(self, cache, token: int):
-        mine = _Step(cache, token)
+        mine = getattr(cache, "_step_record", None)
+        if mine is None:  # one record per cache, reused at every token
+            mine = cache._step_record = _Step(None, token)
+        mine.cache, mine.token, mine.done, mine.error = cache, token, False, None
         with self._cond:
             self._waiting.append(mine)
             self._cond.notify_all()
@@ -62,6 +65,7 @@ class StepBatcher:
                     self._cond.acquire()
                     self._running = False
                     self._cond.notify_all()
+        mine.cache = None  # no cycle between the cache and its record: an ended cache is freed at once
         if mine.error is not None:
             raise mine.error
         return cache.logits
