@@ -106,8 +106,9 @@ def test_a_sequence_that_stops_costs_the_others_one_gather():
         batcher.step(a, t)
     took = time.monotonic() - started
     assert 0.25 < took < 2.0
-    forgotten = StepBatcher(rec.one, rec.many, gather_seconds=30)
+    forgotten = StepBatcher(rec.one, rec.many, gather_seconds=0.3)
     run_threads(forgotten, [a, b], steps=3)
+    forgotten.gather_seconds = 30  # a wait for b would now show
     forgotten.forget(b)  # b went to compute a prompt: nobody waits for it
     started = time.monotonic()
     forgotten.step(a, 0)

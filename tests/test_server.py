@@ -373,8 +373,8 @@ def current_rss() -> int:
 def test_200_sequential_requests_keep_rss_flat(client, server):
     def ask(i):
         if i % 2:
-            return chat(client, QUESTIONS[i % 4], max_tokens=4)
-        return list(chat(client, QUESTIONS[i % 4], max_tokens=4, stream=True))
+            return chat(client, QUESTIONS[i % 4], max_tokens=2)
+        return list(chat(client, QUESTIONS[i % 4], max_tokens=2, stream=True))
 
     for i in range(20):
         ask(i)
