@@ -80,7 +80,8 @@ def token_stream(model, sequence, new_ids: list[int], *, params: SamplingParams,
 
     context_ids: every id already in the context before new_ids (for the repetition penalty).
     logprobs: record in stats.logprobs each generated id's log-probability under the model (before
-    sampling's changes) and the `logprobs` likeliest ids' (0: the chosen id's alone).
+    temperature and filters; under a constraint, of the tokens it allows) and the `logprobs`
+    likeliest ids' (0: the chosen id's alone).
     constraint: a constrained.JsonConstraint: ids it rules out are never sampled, and the
     generation ends once its document is complete (no prompt-lookup drafts then).
     The token that ends the turn is not yielded and not fed; a token completing a stop string is.
