@@ -14,7 +14,7 @@ import numpy as np
 
 from .backend import Backend, check_context, check_tokens
 from .chat import ChatSession
-from .constrained import JsonConstraint
+from .constrained import GrammarConstraint, JsonConstraint, lark_constraint
 from .generate import (DEFAULT_MAX_NEW_TOKENS, GenerationStats, check_max_new_tokens, check_stop, text_stream,
                        token_stream)
 from .errors import EdgephiError
@@ -25,6 +25,7 @@ from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .sequence import Sequence
 from .session_file import SavedSession, model_identity, read_session, save_session
+from .tool_calls import call_grammar
 
 
 class LanguageModel:
@@ -98,7 +99,7 @@ class LanguageModel:
         logprobs = None if logprobs is None else check_top_logprobs(logprobs)
         constraint = None
         if json_schema is not None:
-            constraint = json_schema if isinstance(json_schema, JsonConstraint) else self.json_constraint(json_schema)
+            constraint = json_schema if isinstance(json_schema, GrammarConstraint) else self.json_constraint(json_schema)
         return token_stream(self, self.sequence(), ids, params=params, max_new_tokens=max_new_tokens, stop=stop,
                             ignore_eos=ignore_eos, stats=stats, logprobs=logprobs, constraint=constraint)
 
@@ -108,6 +109,18 @@ class LanguageModel:
         it as json_schema= to one generation."""
         cfg = self.generation_config
         return JsonConstraint(schema, self.tokenizer, list(cfg.get("eos_token_ids", [])), cfg.get("bos_token_id"))
+
+    def tool_call_constraint(self, tools: list[dict], name: str | None = None,
+                             parallel: bool = True) -> GrammarConstraint:
+        """A reply that is one block of tool calls in the model's format (tool_calls.py), each a call
+        of one of `tools` (OpenAI's function tools) with arguments matching its parameters, or of
+        the tool `name` only (OpenAI's tool_choice "required" and named tool); one call only
+        unless `parallel`. Compiled now (a ValueError names what cannot be); pass it as
+        json_schema= to one generation."""
+        cfg = self.generation_config
+        grammar = call_grammar(tools, self.tokenizer.special_tokens, name, parallel)
+        return lark_constraint(grammar, self.tokenizer, list(cfg.get("eos_token_ids", [])), cfg.get("bos_token_id"),
+                               what="tools")
 
     def stream(self, prompt, *, special_tokens: bool = False, **options) -> Iterator[str]:
         """Text pieces (always whole UTF-8 characters) continuing `prompt` (see stream_ids)."""

@@ -95,22 +95,22 @@ def bounded(schema):
     return out
 
 
-class JsonConstraint:
-    """One generation's constraint: mask(logits) before sampling, then advance(token)."""
+class GrammarConstraint:
+    """One generation's constraint to an llguidance grammar: mask(logits) before sampling, then
+    advance(token). JsonConstraint and the tool-call constraint (tool_calls.py) are its grammars."""
 
-    def __init__(self, schema: dict, tokenizer, eos_ids: list[int], bos_id: int | None = None):
+    def __init__(self, grammar: str, tokenizer, eos_ids: list[int], bos_id: int | None = None, *,
+                 what: str = "json_schema"):
         llguidance = _llguidance()
         if not eos_ids:
-            raise EdgephiError("JSON-constrained output needs the model's end-of-turn token, and it has none")
+            raise EdgephiError("constrained output needs the model's end-of-turn token, and it has none")
         view = _tokenizer_view(tokenizer, eos_ids, bos_id)
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(bounded(check_json_schema(schema)),
-                                                                overrides={"whitespace_pattern": WHITESPACE})
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, view)
         if is_error:
-            raise ValueError(f"json_schema cannot be compiled: {' '.join(messages[0].split())}")
+            raise ValueError(f"{what} cannot be compiled: {' '.join(messages[0].split())}")
         self._matcher = llguidance.LLMatcher(view, grammar, log_level=0)
         if self._matcher.is_error():
-            raise ValueError(f"json_schema cannot be compiled: {' '.join(self._matcher.get_error().split())}")
+            raise ValueError(f"{what} cannot be compiled: {' '.join(self._matcher.get_error().split())}")
         self._n_vocab = tokenizer.n_vocab
 
     @property
@@ -126,4 +126,19 @@ class JsonConstraint:
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise EdgephiError(f"JSON constraint: token {token} was not allowed ({self._matcher.get_error()})")
+            raise EdgephiError(f"constraint: token {token} was not allowed ({self._matcher.get_error()})")
+
+
+class JsonConstraint(GrammarConstraint):
+    """Output that is a JSON document matching `schema`."""
+
+    def __init__(self, schema: dict, tokenizer, eos_ids: list[int], bos_id: int | None = None):
+        grammar = _llguidance().LLMatcher.grammar_from_json_schema(
+            bounded(check_json_schema(schema)), overrides={"whitespace_pattern": WHITESPACE})
+        super().__init__(grammar, tokenizer, eos_ids, bos_id)
+
+
+def lark_constraint(lark: str, tokenizer, eos_ids: list[int], bos_id: int | None = None, *,
+                    what: str) -> GrammarConstraint:
+    """A constraint to a grammar in llguidance's Lark syntax (`what` names it in errors)."""
+    return GrammarConstraint(_llguidance().LLMatcher.grammar_from_lark(lark), tokenizer, eos_ids, bos_id, what=what)

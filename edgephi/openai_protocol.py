@@ -52,6 +52,10 @@ class GenerationRequest:
     ignore_eos: bool = False  # llama.cpp's extension: go on past the end-of-turn token (benchmarks)
     json_schema: dict | None = None  # response_format's: the output must be a document matching it
     tools: list[dict] | None = None  # chat: OpenAI's function tools offered to the model
+    # tool_choice: "auto" (the model may call a tool), "required" (it must) or a tool's name (it
+    # must call that one); the last two hold the reply to a grammar of calls
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True  # False: a required or named tool_choice makes exactly one call
 
 
 def _is_int(v) -> bool:
@@ -183,10 +187,37 @@ def parse_chat_request(body, model_id: str) -> GenerationRequest:
     tools = f.get("tools", lambda v: isinstance(v, list) and all(
         isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
         and isinstance(t["function"].get("name"), str) for t in v), "a list of {type: function, function: {name, ...}}")
-    choice = f.get("tool_choice", lambda v: v in ("none", "auto"), "\"auto\" or \"none\" (a required or named "
-                   "tool is not supported)", "auto")
-    request.tools = tools if tools and choice == "auto" else None
+    choice = _tool_choice(body.get("tool_choice"), tools)
+    request.tools = tools if tools and choice != "none" else None
+    request.tool_choice = "auto" if choice == "none" else choice
+    request.parallel_tool_calls = f.get("parallel_tool_calls", lambda v: isinstance(v, bool), "true or false", True)
+    if request.tool_choice != "auto" and request.json_schema is not None:
+        raise ApiError(400, "response_format cannot be combined with a required or named tool_choice",
+                       param="response_format")
     return request
+
+
+def _tool_choice(value, tools: list[dict] | None) -> str:
+    """tool_choice: "none", "auto", "required", or the name of the function that
+    {"type": "function", "function": {"name": ...}} names, which must be among the tools."""
+    if value is None:
+        return "auto"
+    if value in ("none", "auto", "required"):
+        name = None
+    elif (isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict)
+          and isinstance(value["function"].get("name"), str)):
+        name = value["function"]["name"]
+    else:
+        raise ApiError(400, f"tool_choice must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", "
+                       f"\"function\": {{\"name\": ...}}}}, got {value!r}"[:300], param="tool_choice")
+    if value in ("none", "auto"):
+        return value
+    if not tools:
+        raise ApiError(400, "tool_choice requires a tool, but the request has no tools", param="tool_choice")
+    if name is not None and name not in {t["function"]["name"] for t in tools}:
+        raise ApiError(400, f"tool_choice names the function {name!r}, which is not among the tools"[:300],
+                       param="tool_choice")
+    return "required" if name is None else name
 
 
 def _response_format(value) -> dict | None:

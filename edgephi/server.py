@@ -174,16 +174,17 @@ class ServerState:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
 
     def constraint(self, request: GenerationRequest):
-        """The request's JSON constraint, compiled (in a worker thread), or None."""
-        if request.json_schema is None:
-            return None
-        try:
-            return self.model.json_constraint(request.json_schema)
-        except ValueError as exc:
-            raise ApiError(400, f"response_format: {exc}", param="response_format",
-                           code="invalid_json_schema") from None
-        except EdgephiError as exc:
-            raise ApiError(501, str(exc), param="response_format", kind="server_error") from None
+        """The request's constraint, compiled (in a worker thread): a required or named tool's
+        calls, its response_format's JSON, or None."""
+        model = self.model
+        if request.tools and request.tool_choice != "auto":
+            name = None if request.tool_choice == "required" else request.tool_choice
+            return _compiled(lambda: model.tool_call_constraint(request.tools, name, request.parallel_tool_calls),
+                             "tools", "invalid_tools")
+        if request.json_schema is not None:
+            return _compiled(lambda: model.json_constraint(request.json_schema), "response_format",
+                             "invalid_json_schema")
+        return None
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The request's prompt as token ids (in a worker thread: templates and long texts take time)."""
@@ -207,6 +208,17 @@ class ServerState:
             raise ApiError(400, f"{param}: the prompt is {len(ids)} tokens; this model's context is {model.context}",
                            param=param, code="context_length_exceeded")
         return ids
+
+
+def _compiled(build, param: str, code: str):
+    """build()'s constraint; what the engine cannot compile is the request's fault (400), a
+    missing engine the server's (501)."""
+    try:
+        return build()
+    except ValueError as exc:
+        raise ApiError(400, f"{param}: {exc}", param=param, code=code) from None
+    except EdgephiError as exc:
+        raise ApiError(501, str(exc), param=param, kind="server_error") from None
 
 
 def create_app(model, *, model_id: str | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,

@@ -4,7 +4,8 @@ The tools are offered in the system message, which Phi-4-mini's chat template re
 `<|system|>...<|tool|>[tools as JSON]<|/tool|><|end|>`; the model calls them with
 `<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|>` in its reply. Here the tools of a
 request go into the messages the template sees, an assistant's earlier calls are written back in
-that format, and a reply's calls are read out of its text.
+that format, and a reply's calls are read out of its text. Where the reply must call a tool
+(OpenAI's tool_choice "required" or a named tool), call_grammar is the grammar it is held to.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
+
+from .constrained import WHITESPACE, bounded
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 _CALLS = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S)
@@ -78,3 +81,29 @@ def _read_calls(body: str) -> list[dict] | None:
                                    "arguments": arguments if isinstance(arguments, str)
                                    else json.dumps(arguments, ensure_ascii=False)}})
     return calls or None
+
+
+def call_grammar(tools: list[dict], special_tokens: dict[str, int], name: str | None = None,
+                 parallel: bool = True) -> str:
+    """llguidance's Lark grammar of a reply that is one block of calls, CALL_OPEN [calls]
+    CALL_CLOSE: at least one call (exactly one unless `parallel`), each {"name": a tool's name,
+    "arguments": matching that tool's parameters}; with `name`, calls of that tool only. The
+    block's markers are the vocabulary's special tokens where it has them, else their text."""
+    specs = [t["function"] for t in tools]
+    if name is not None:
+        specs = [s for s in specs if s["name"] == name]
+        if not specs:
+            raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
+    calls = {"type": "array", "minItems": 1, "items": {"anyOf": [_call_schema(s) for s in specs]},
+             "x-guidance": {"whitespace_pattern": WHITESPACE}}
+    if not parallel:
+        calls["maxItems"] = 1
+    marker = {m: f"<{m[1:-1]}>" if m in special_tokens else json.dumps(m) for m in (CALL_OPEN, CALL_CLOSE)}
+    return (f"start: {marker[CALL_OPEN]} calls {marker[CALL_CLOSE]}\n"
+            f"calls: %json {json.dumps(bounded(calls))}\n")
+
+
+def _call_schema(spec: dict) -> dict:
+    arguments = spec.get("parameters") or {"type": "object", "properties": {}}
+    return {"type": "object", "properties": {"name": {"const": spec["name"]}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False}

@@ -66,11 +66,21 @@ def test_requests_with_tools_and_earlier_calls():
                                "content": CALL_OPEN + '[{"name": "get_weather", "arguments": {"city": "Paris"}}]' + CALL_CLOSE}
     assert req.messages[2] == {"role": "tool", "content": '{"sky": "sunny"}'}
     assert parse_chat_request({**body, "tool_choice": "none"}, "m").tools is None
-    for bad in ({"tool_choice": "required"}, {"tool_choice": {"type": "function", "function": {"name": "x"}}},
-                {"tools": [{"type": "function"}]}, {"tools": "get_weather"}):
+    assert (req.tool_choice, req.parallel_tool_calls) == ("auto", True)
+    required = parse_chat_request({**body, "tool_choice": "required", "parallel_tool_calls": False}, "m")
+    assert (required.tools, required.tool_choice, required.parallel_tool_calls) == ([WEATHER], "required", False)
+    named = parse_chat_request({**body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "m")
+    assert named.tool_choice == "get_weather"
+    no_tools = {k: v for k, v in body.items() if k != "tools"}
+    for bad, param in (({"tool_choice": {"type": "function", "function": {"name": "x"}}}, "tool_choice"),
+                       ({"tool_choice": "always"}, "tool_choice"), ({"tool_choice": {"name": "get_weather"}}, "tool_choice"),
+                       ({"tool_choice": "required", "tools": None}, "tool_choice"),
+                       ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+                       ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+                       ({"tools": [{"type": "function"}]}, "tools"), ({"tools": "get_weather"}, "tools")):
         with pytest.raises(ApiError) as info:
-            parse_chat_request({**body, **bad}, "m")
-        assert info.value.status == 400
+            parse_chat_request({**no_tools, "tools": body["tools"], **bad}, "m")
+        assert (info.value.status, info.value.param) == (400, param)
 
 
 # -- a hidden Phi-4-mini-shaped model -------------------------------------------------------------------
@@ -152,3 +162,114 @@ def test_the_server_answers_with_tool_calls(phi4_mini, monkeypatch):
             {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
             {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'}])
         assert follow.choices[0].message.content == "It is sunny in Paris."
+
+
+# Tools whose arguments end: the model is random, and a free string could run to max_tokens
+FORECAST = {"type": "function", "function": {
+    "name": "get_forecast", "description": "The weather in a city for some days",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "days"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time now", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+def _valid_calls(calls, tools):
+    """Each call names one of the tools, and its arguments are JSON that the tool's parameters
+    schema accepts (jsonschema: a validator other than the grammar engine)."""
+    import jsonschema
+
+    specs = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for call in calls:
+        assert call.type == "function" and call.function.name in specs
+        jsonschema.validate(json.loads(call.function.arguments), specs[call.function.name])
+    return [call.function.name for call in calls]
+
+
+@pytest.mark.integration
+def test_the_call_grammar_accepts_what_jsonschema_accepts(phi4_mini):
+    """Constructed replies fed token by token through the tool-call constraint: it lets through
+    exactly those whose calls jsonschema finds valid and that the tool choice allows."""
+    import jsonschema
+    import numpy as np
+
+    import edgephi
+    from edgephi.constrained import lark_constraint
+    from edgephi.tool_calls import call_grammar
+
+    model = edgephi.load(phi4_mini[1], context=512)
+    tok = model.tokenizer
+    end = model.generation_config["eos_token_ids"]
+
+    def accepted(text, name=None, parallel=True):
+        constraint = lark_constraint(call_grammar([FORECAST, CLOCK], tok.special_tokens, name, parallel), tok, end,
+                                     what="tools")
+        logits = np.zeros(tok.n_vocab, np.float32)
+        for token in tok.encode(text):
+            logits[:] = 0
+            constraint.mask(logits)
+            if logits[token] == -np.inf:
+                return False
+            constraint.advance(token)
+        return constraint.complete
+
+    def block(*calls):
+        return CALL_OPEN + json.dumps([{"name": n, "arguments": a} for n, a in calls]) + CALL_CLOSE
+
+    def schema_valid(calls):
+        specs = {t["function"]["name"]: t["function"]["parameters"] for t in (FORECAST, CLOCK)}
+        try:
+            for n, a in calls:
+                jsonschema.validate(a, specs[n])
+        except (KeyError, jsonschema.ValidationError):
+            return False
+        return True
+
+    cases = [[("get_forecast", {"city": "Oslo", "days": 3})], [("get_time", {"zone": "CET"})],
+             [("get_forecast", {"city": "Oslo", "days": 3, "unit": "celsius"})],
+             [("get_forecast", {"city": "Oslo", "days": 9})], [("get_forecast", {"city": "Oslo"})],
+             [("get_time", {"zone": "PST"})], [("get_time", {"zone": "UTC", "extra": 1})],
+             [("get_forecast", {"city": "Llanfairpwllgwyngyll", "days": 2})], [("set_alarm", {})]]
+    for calls in cases:
+        assert accepted(block(*calls)) == schema_valid(calls), calls
+    two = [("get_time", {"zone": "UTC"}), ("get_forecast", {"city": "Rome", "days": 1})]
+    assert accepted(block(*two)) and not accepted(block(*two), parallel=False)
+    assert accepted(block(two[0]), name="get_time") and not accepted(block(two[1]), name="get_time")
+    assert not accepted(block(*two), name="get_time")
+    assert not accepted("Sure. " + block(two[0])) and not accepted(CALL_OPEN + "[]" + CALL_CLOSE)
+    with pytest.raises(ValueError, match="not among the tools"):
+        call_grammar([FORECAST], tok.special_tokens, "get_time")
+
+
+@pytest.mark.integration
+def test_a_required_or_named_tool_choice_makes_the_model_call_it(phi4_mini):
+    openai = pytest.importorskip("openai")
+    import edgephi
+    from tests.test_server import serving
+
+    model = edgephi.load(phi4_mini[1], context=512)
+    with serving(model) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        ask = dict(model="smollm2", messages=[{"role": "user", "content": "Weather in Oslo this week?"}],
+                   tools=[FORECAST, CLOCK], max_tokens=120)
+        # the random model left to itself does not call a tool
+        assert not client.chat.completions.create(**ask, temperature=0).choices[0].message.tool_calls
+        one = client.chat.completions.create(**ask, tool_choice="required", parallel_tool_calls=False, temperature=0)
+        choice = one.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(_valid_calls(choice.message.tool_calls, [FORECAST, CLOCK])) == 1
+        for seed in range(4):  # sampled: every reply is still a valid call of the named tool
+            named = client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                                   parallel_tool_calls=False, temperature=1.0, seed=seed)
+            assert set(_valid_calls(named.choices[0].message.tool_calls, [FORECAST, CLOCK])) == {"get_time"}
+            assert named.choices[0].finish_reason == "tool_calls"
+        chunks = list(client.chat.completions.create(**ask, tool_choice="required", parallel_tool_calls=False,
+                                                     temperature=0, stream=True))
+        streamed = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert [(c.function.name, c.function.arguments) for c in streamed] == [
+            (c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        broken = {"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**{**ask, "tools": [broken]}, tool_choice="required")
+        assert info.value.body["param"] == "tools" and "cannot be compiled" in info.value.body["message"]
