@@ -61,3 +61,41 @@ def test_the_cache_key_covers_the_versions(monkeypatch):
     before = jit_cache.kernel_folder()
     monkeypatch.setattr(edgephi, "__version__", edgephi.__version__ + ".post1")
     assert jit_cache.kernel_folder() != before
+
+
+RUN_RMSNORM = """
+import os, sys
+import numpy as np
+from edgephi import jit_cache, kernels
+
+jit_cache.use_kernel_cache()
+x = np.ones((2, 8), np.float32)
+kernels.rmsnorm(x, np.ones(8, np.float32), np.float32(1e-5), np.empty_like(x))
+stats = kernels.rmsnorm.stats
+print(kernels.__file__, stats.cache_hits.get(kernels.rmsnorm.signatures[0], 0), len(stats.cache_misses))
+"""
+
+
+def test_a_copy_of_the_same_sources_loads_the_kernels_another_compiled(tmp_path):
+    """A fresh clone (CI) or a reinstall gives the sources new file times; the kernels compiled from
+    the same bytes still load from the cache (numba stamps an index with its source file's hash, and
+    the folder is keyed by every kernel source), so nothing compiles again."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "edgephi"
+    env = {**os.environ, "EDGEPHI_KERNEL_CACHE": str(tmp_path / "kernels")}
+    seen = []
+    for copy, when in (("first", 1_600_000_000), ("second", 1_700_000_000)):
+        target = tmp_path / copy / "edgephi"
+        shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in target.rglob("*.py"):
+            os.utime(path, (when, when))
+        done = subprocess.run([sys.executable, "-c", RUN_RMSNORM], capture_output=True, text=True, timeout=300,
+                              env={**env, "PYTHONPATH": str(tmp_path / copy)}, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        where, hits, misses = done.stdout.split()
+        assert where.startswith(str(target)), where  # the copy ran, not the checkout
+        seen.append((int(hits), int(misses)))
+    assert seen == [(0, 1), (1, 0)], seen  # compiled by the first copy, loaded by the second
