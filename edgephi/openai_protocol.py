@@ -200,9 +200,9 @@ def parse_chat_request(body, model_id: str) -> GenerationRequest:
 def _tool_choice(value, tools: list[dict] | None) -> str:
     """tool_choice: "none", "auto", "required", or the name of the function that
     {"type": "function", "function": {"name": ...}} names, which must be among the tools."""
-    if value is None:
-        return "auto"
-    if value in ("none", "auto", "required"):
+    if value is None or value in ("none", "auto"):
+        return value or "auto"
+    if value == "required":
         name = None
     elif (isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict)
           and isinstance(value["function"].get("name"), str)):
@@ -210,8 +210,6 @@ def _tool_choice(value, tools: list[dict] | None) -> str:
     else:
         raise ApiError(400, f"tool_choice must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", "
                        f"\"function\": {{\"name\": ...}}}}, got {value!r}"[:300], param="tool_choice")
-    if value in ("none", "auto"):
-        return value
     if not tools:
         raise ApiError(400, "tool_choice requires a tool, but the request has no tools", param="tool_choice")
     if name is not None and name not in {t["function"]["name"] for t in tools}:

@@ -98,7 +98,7 @@ def call_grammar(tools: list[dict], special_tokens: dict[str, int], name: str | 
              "x-guidance": {"whitespace_pattern": WHITESPACE}}
     if not parallel:
         calls["maxItems"] = 1
-    marker = {m: f"<{m[1:-1]}>" if m in special_tokens else json.dumps(m) for m in (CALL_OPEN, CALL_CLOSE)}
+    marker = {m: m if m in special_tokens else json.dumps(m) for m in (CALL_OPEN, CALL_CLOSE)}  # token, or text
     return (f"start: {marker[CALL_OPEN]} calls {marker[CALL_CLOSE]}\n"
             f"calls: %json {json.dumps(bounded(calls))}\n")
 

@@ -273,3 +273,14 @@ def test_a_required_or_named_tool_choice_makes_the_model_call_it(phi4_mini):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(**{**ask, "tools": [broken]}, tool_choice="required")
         assert info.value.body["param"] == "tools" and "cannot be compiled" in info.value.body["message"]
+
+
+def test_the_call_markers_are_special_tokens_where_the_vocabulary_has_them():
+    """Phi-4-mini's reply opens its block with the special token; a vocabulary without it gets the
+    marker's text (which the model writes in ordinary tokens)."""
+    from edgephi.tool_calls import call_grammar
+
+    as_text = call_grammar([CLOCK], {}).splitlines()[0]
+    as_tokens = call_grammar([CLOCK], {CALL_OPEN: 200025, CALL_CLOSE: 200026}).splitlines()[0]
+    assert as_text == f'start: "{CALL_OPEN}" calls "{CALL_CLOSE}"'
+    assert as_tokens == f"start: {CALL_OPEN} calls {CALL_CLOSE}"
