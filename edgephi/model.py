@@ -29,13 +29,13 @@ from .decode_batch import MAX_BATCH, StepBatcher
 from .forward import forward, forward_batch, new_scratch, scratch_bytes_per_token
 from .isa import choose_isa
 from .jit_cache import compile_progress, is_cached, use_kernel_cache
-from .jit_memory import numba_without_scipy_linalg, release_compiler_pages
+from .jit_memory import drop_linking_modules, numba_without_scipy_linalg, release_compiler_pages
 from .kernels import copy_first_rows
 from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache, kv_slot_bytes
 from .model_folder import ModelFolder, read_model_folder
 from .records import KvArrays, Scratch
 from .ring_pool import RingPool
-from .weights import load_transformer
+from .weights import _append, _list_of, load_transformer
 
 DEFAULT_KV_BUDGET = 512 << 20  # default context is capped so the KV cache fits in 512 MiB
 PREFILL_CHUNK = 256  # most tokens per prefill step
@@ -222,6 +222,7 @@ class NumbaBackend:
                 args = (self._batch_ids, self._batch_positions, self._batch_slots, self.transformer, rings,
                         self._scratch_for(self.prefill_chunk, 2), self._batch_logits)
                 self._batch_step = compiled(forward_batch, args, on_compile)
+                drop_linking_modules(forward_batch)
                 release_compiler_pages()
             return self._batch_step
 
@@ -265,6 +266,7 @@ class NumbaBackend:
         self._decode_step = compiled(forward, args, on_compile)
         for rows in (cache.k, cache.k_scale):  # loaded now, not at a second session's first token
             copy_first_rows(rows, np.empty_like(rows), 1)
+        drop_linking_modules(forward, copy_first_rows, _list_of, _append)  # the last two built the layers' list
         release_compiler_pages()
 
     def _scratch_for(self, tokens: int, capacity: int) -> Scratch:
