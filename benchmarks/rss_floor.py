@@ -44,11 +44,11 @@ steps = [("python", resident())]
 import numpy
 steps.append(("+ numpy", resident()))
 import numba
-from edgephi.jit_memory import numba_without_scipy_linalg, release_compiler_pages
+from edgephi.jit_memory import numba_without_scipy_linalg, release_library_pages
 with numba_without_scipy_linalg():
     from floor_kernel import total
     total(numpy.ones(4))
-release_compiler_pages()
+release_library_pages()
 steps.append(("+ numba, one cached kernel", resident()))
 import tiktoken
 from pathlib import Path

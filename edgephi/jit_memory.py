@@ -1,12 +1,15 @@
-"""Giving back the JIT compiler's code pages once the kernels are loaded, and keeping numba from
-importing scipy.linalg.
+"""Giving back start-up's code pages once the kernels are loaded, letting go of the IR numba keeps
+for linking, and keeping numba from importing scipy.linalg.
 
 numba runs LLVM inside our process. Initialising it and loading the cached kernels executes code
 spread over tens of MB of libllvmlite, and Linux maps every page it touches (64 KiB around each
 fault) into the process, where it stays in the resident set for the rest of the run although the
-compiler is not used again: about 65 MB, a third of everything but the weights. Those pages are
-clean copies of the library file, so dropping them from the process (madvise MADV_DONTNEED) loses
-nothing: they stay in the page cache, and should the JIT run again they fault back in.
+compiler is not used again: about 65 MB, a third of everything but the weights. Other libraries
+do the same on a smaller scale: OpenSSL's hashing (the model's identity), BLAS and tiktoken's
+set-up, start-up paths of Python itself, about 15 MiB more. Those pages are clean copies of the
+library files, so dropping them from the process (madvise MADV_DONTNEED, what the kernel does to
+them under memory pressure) loses nothing: they stay in the page cache, and the ones a step runs
+fault back in at its first use. What stays resident is then what the run uses.
 
 numba also keeps, for every function it has loaded, the function's LLVM IR as a module in memory,
 so that a function compiled later which calls it can inline it: 4 MB of IR text for the forward
@@ -27,20 +30,21 @@ import sys
 
 MADV_DONTNEED = 4  # the same number on every Linux architecture
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
-_COMPILER_LIBRARY = re.compile(r"/lib(llvmlite|LLVM)[^/]*\.so")
+_SHARED_LIBRARY = re.compile(r"\.so(\.[0-9]+)*$")  # libLLVM-20.so.1, _tiktoken.cpython-311-x86_64-linux-gnu.so
 
 
-def compiler_mappings(smaps: str) -> list[tuple[int, int, int]]:
-    """(start, end, resident bytes) of the LLVM library mappings in /proc/<pid>/smaps text that
-    nothing can have written to: read-only, and no dirty or anonymous (copied-on-write) page.
-    A relocated part of the library is dirty and is never listed: dropping it would lose data."""
+def library_mappings(smaps: str) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of the shared-library mappings in /proc/<pid>/smaps text that
+    nothing can have written to: read-only, and no dirty or anonymous (copied-on-write) page. A
+    relocated part of a library is dirty and is never listed: dropping it would lose data. Data
+    files (the weights) and anonymous memory are never listed either."""
     found, current = [], None
     for line in smaps.splitlines():
         header = _HEADER.match(line)
         if header:
             start, end, perms, path = header.groups()
             current = None
-            if "w" not in perms and _COMPILER_LIBRARY.search(path):
+            if "w" not in perms and _SHARED_LIBRARY.search(path):
                 current = {"start": int(start, 16), "end": int(end, 16)}
                 found.append(current)
         elif current is not None:
@@ -52,14 +56,14 @@ def compiler_mappings(smaps: str) -> list[tuple[int, int, int]]:
             and m.get("Anonymous") == 0]
 
 
-def release_compiler_pages() -> int:
-    """Drop LLVM's clean resident pages from this process; returns the bytes dropped (0 where
-    there is no /proc, i.e. off Linux, or nothing to drop)."""
+def release_library_pages() -> int:
+    """Drop the shared libraries' clean resident pages from this process; returns the bytes dropped
+    (0 where there is no /proc, i.e. off Linux, or nothing to drop)."""
     if not sys.platform.startswith("linux"):
         return 0
     try:
         with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
-            mappings = compiler_mappings(f.read())
+            mappings = library_mappings(f.read())
     except OSError:
         return 0
     if not mappings:

@@ -29,7 +29,7 @@ from .decode_batch import MAX_BATCH, StepBatcher
 from .forward import forward, forward_batch, new_scratch, scratch_bytes_per_token
 from .isa import choose_isa
 from .jit_cache import compile_progress, is_cached, use_kernel_cache
-from .jit_memory import drop_linking_modules, numba_without_scipy_linalg, release_compiler_pages
+from .jit_memory import drop_linking_modules, numba_without_scipy_linalg, release_library_pages
 from .kernels import copy_first_rows
 from .kv_cache import DEFAULT_SINKS, KV_DTYPES, KVCache, kv_slot_bytes
 from .model_folder import ModelFolder, read_model_folder
@@ -223,7 +223,7 @@ class NumbaBackend:
                         self._scratch_for(self.prefill_chunk, 2), self._batch_logits)
                 self._batch_step = compiled(forward_batch, args, on_compile)
                 drop_linking_modules(forward_batch)
-                release_compiler_pages()
+                release_library_pages()
             return self._batch_step
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -255,8 +255,9 @@ class NumbaBackend:
     def _load_kernels(self, on_compile: Callable[[int, float], None] | None = None) -> None:
         """Load the forward pass's machine code from numba's cache (compiling it on the very first
         run, and then telling on_compile(functions compiled, seconds) as it goes) before any weight
-        page is touched, then drop the compiler's code pages: the peak resident set is then
-        weights plus what the run keeps, not weights plus LLVM."""
+        page is touched, then let go of what only start-up used (jit_memory.py): the IR numba keeps
+        for linking, and the code pages LLVM's set-up and the other libraries' touched. The peak
+        resident set is then weights plus what the run keeps, not weights plus LLVM."""
         cache = KVCache(self.config, 2, sinks=0, dtype=self.kv_dtype)
         one = np.zeros(1, np.int64)
         logits = np.zeros((1, self.config.vocab_size), np.float32)
@@ -267,7 +268,7 @@ class NumbaBackend:
         for rows in (cache.k, cache.k_scale):  # loaded now, not at a second session's first token
             copy_first_rows(rows, np.empty_like(rows), 1)
         drop_linking_modules(forward, copy_first_rows, _list_of, _append)  # the last two built the layers' list
-        release_compiler_pages()
+        release_library_pages()
 
     def _scratch_for(self, tokens: int, capacity: int) -> Scratch:
         """Scratch for steps of up to `tokens` tokens over a ring of `capacity` slots; a larger

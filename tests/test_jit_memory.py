@@ -1,5 +1,5 @@
-"""Dropping LLVM's code pages once the kernels are loaded (edgephi/jit_memory.py), and the kernel
-loading that happens at edgephi.load so the drop comes before the weights are touched."""
+"""Dropping start-up's library code pages once the kernels are loaded (edgephi/jit_memory.py), and
+the kernel loading that happens at edgephi.load so the drop comes before the weights are touched."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import edgephi
 import edgephi.model
 from edgephi.convert import convert
-from edgephi.jit_memory import compiler_mappings
+from edgephi.jit_memory import library_mappings
 
 SMAPS = """\
 7f0000000000-7f0000300000 r--p 00000000 08:01 42    /site-packages/llvmlite/binding/libllvmlite.so
@@ -50,6 +50,12 @@ Rss:                 800 kB
 Shared_Dirty:          0 kB
 Private_Dirty:         0 kB
 Anonymous:             0 kB
+7f0009000000-7f0009100000 r--p 00000000 08:01 45    /models/phi/weights.safetensors
+Size:               1024 kB
+Rss:                1024 kB
+Shared_Dirty:          0 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
 7f0008000000-7f0008100000 rw-p 00000000 00:00 0
 Size:               1024 kB
 Rss:                1024 kB
@@ -60,13 +66,14 @@ VmFlags: rd wr mr mw me ac
 """
 
 
-def test_only_clean_read_only_llvm_mappings_are_listed():
-    # the relocated (dirty) read-only part, the writable data, other libraries and anonymous
-    # memory are never candidates: dropping their pages would lose what they hold
-    assert compiler_mappings(SMAPS) == [
+def test_only_clean_read_only_library_mappings_are_listed():
+    # the relocated (dirty) read-only part, the writable data and anonymous memory are never
+    # candidates: dropping their pages would lose what they hold; nor are data files (the weights)
+    assert library_mappings(SMAPS) == [
         (0x7F0000000000, 0x7F0000300000, 3000 * 1024),
         (0x7F0000300000, 0x7F0005300000, 50000 * 1024),
         (0x7F0006000000, 0x7F0006100000, 512 * 1024),
+        (0x7F0007000000, 0x7F0007100000, 800 * 1024),
     ]
 
 
@@ -74,11 +81,11 @@ CHILD = """
 import json
 import numpy as np
 from numba import njit
-from edgephi.jit_memory import compiler_mappings, release_compiler_pages
+from edgephi.jit_memory import library_mappings, release_library_pages
 
 def resident():
     with open("/proc/self/smaps") as f:
-        return sum(rss for _, _, rss in compiler_mappings(f.read()))
+        return sum(rss for _, _, rss in library_mappings(f.read()))
 
 @njit
 def first(x):
@@ -86,7 +93,7 @@ def first(x):
 
 first(3)
 before = resident()
-dropped = release_compiler_pages()
+dropped = release_library_pages()
 after = resident()
 
 @njit
@@ -103,7 +110,7 @@ print(json.dumps([before, dropped, after, sum_of_squares(a), float(np.dot(a, a))
 
 @pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps is Linux's")
-def test_release_drops_llvm_pages_and_the_jit_still_compiles():
+def test_release_drops_library_pages_and_the_jit_still_compiles():
     done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     before, dropped, after, squares, expected, again = json.loads(done.stdout.strip().splitlines()[-1])
