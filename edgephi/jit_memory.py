@@ -13,7 +13,7 @@ fault back in at its first use. What stays resident is then what the run uses.
 
 numba also keeps, for every function it has loaded, the function's LLVM IR as a module in memory,
 so that a function compiled later which calls it can inline it: 4 MB of IR text for the forward
-pass, about 10 MiB resident with its copy kernel and the typed-list helpers of the weights. The
+pass, about 13 MiB resident with its copy kernel and the typed-list helpers of the weights. The
 kernels edgephi calls from Python are never called from jitted code, so their modules are let go.
 
 numba's first compile or cache load imports scipy.linalg where scipy is installed, only to decide
