@@ -50,16 +50,10 @@ with numba_without_scipy_linalg():
     total(numpy.ones(4))
 release_library_pages()
 steps.append(("+ numba, one cached kernel", resident()))
-import tiktoken
-from pathlib import Path
-from edgephi.tokenizer_files import TokenizerSpec
-spec = TokenizerSpec.load(Path(sys.argv[2]))
-enc = tiktoken.Encoding(name=spec.name, pat_str=spec.pat_str, mergeable_ranks=spec.ranks,
-                        special_tokens=spec.special_tokens)
-vars(enc).pop("_mergeable_ranks", None)
-n_vocab = spec.n_vocab
-del spec
+from edgephi.tokenizer import Tokenizer
+tokenizer = Tokenizer.from_folder(sys.argv[2])  # tiktoken's Encoding, built as load() builds it
 gc.collect()
+n_vocab = tokenizer.n_vocab
 steps.append((f"+ tiktoken Encoding ({n_vocab} tokens)", resident()))
 print(json.dumps(steps))
 """

@@ -107,8 +107,7 @@ class LanguageModel:
         """A generation's JSON constraint for `schema` (a JSON Schema dict; {"type": "object"} for
         any object), compiled now: a ValueError here names what the engine cannot compile. Pass
         it as json_schema= to one generation."""
-        cfg = self.generation_config
-        return JsonConstraint(schema, self.tokenizer, list(cfg.get("eos_token_ids", [])), cfg.get("bos_token_id"))
+        return JsonConstraint(schema, self.tokenizer, *self._constraint_ends())
 
     def tool_call_constraint(self, tools: list[dict], name: str | None = None,
                              parallel: bool = True) -> GrammarConstraint:
@@ -117,10 +116,13 @@ class LanguageModel:
         the tool `name` only (OpenAI's tool_choice "required" and named tool); one call only
         unless `parallel`. Compiled now (a ValueError names what cannot be); pass it as
         json_schema= to one generation."""
-        cfg = self.generation_config
         grammar = call_grammar(tools, self.tokenizer.special_tokens, name, parallel)
-        return lark_constraint(grammar, self.tokenizer, list(cfg.get("eos_token_ids", [])), cfg.get("bos_token_id"),
-                               what="tools")
+        return lark_constraint(grammar, self.tokenizer, *self._constraint_ends(), what="tools")
+
+    def _constraint_ends(self) -> tuple[list[int], int | None]:
+        """A constraint's end-of-turn ids (which end a finished document) and BOS id."""
+        cfg = self.generation_config
+        return list(cfg.get("eos_token_ids", [])), cfg.get("bos_token_id")
 
     def stream(self, prompt, *, special_tokens: bool = False, **options) -> Iterator[str]:
         """Text pieces (always whole UTF-8 characters) continuing `prompt` (see stream_ids)."""
