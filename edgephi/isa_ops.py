@@ -132,6 +132,15 @@ def _byte_dot_sdot(builder, w, low, high):
     return acc
 
 
+def _block_sums_addp(builder, dots):
+    """Four blocks' <4 x i32> dot partials -> <4 x i32> whose lane k is block k's whole dot: two
+    rounds of pairwise adds (addp), so that four blocks are converted and scaled by one scvtf and
+    one fmla where each alone took both."""
+    def addp(a, b):
+        return call_intrinsic(builder, "llvm.aarch64.neon.addp.v4i32", vec(I32, 4), [a, b])
+    return addp(addp(dots[0], dots[1]), addp(dots[2], dots[3]))
+
+
 def _pmaddwd_avx2(builder, a, b):
     return call_intrinsic(builder, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [a, b])
 
@@ -195,6 +204,14 @@ class OpSet:
     byte_dot: Callable | None = None
     # scales of GROUP_BLOCKS blocks converted at once, each block's integer dot scaled by its lane
     grouped: bool = False
+    # (builder, [acc_lanes dots <acc_lanes x i32>]) -> <acc_lanes x i32>, lane k block k's whole
+    # dot: grouped blocks converted and scaled acc_lanes at a time. None: each block on its own
+    block_sums: Callable | None = None
+    # software prefetch of the row's bytes ahead (row_dot.PREFETCH_BYTES): on x86 it takes two
+    # cores from 12 to 17-20 GB/s. Arm cores' stream prefetchers follow a row dot's sequential
+    # reads on their own (llama.cpp's NEON row dots prefetch nothing), and there the prfm of each
+    # cache line cost 0.4-0.9 instructions a block (q4_0 13.9 against 14.75 on a Cortex-A76)
+    prefetch: bool = True
     # the 5- and 6-bit formats' high bits spread to lanes by a byte test (block_codecs._high_bits)
     spread_bits: bool = False
     # the prefill panels' vector of rows (gemm_tile.py) and their pmaddwd-like word pairs
@@ -218,10 +235,11 @@ OP_SETS = {
     "generic": PLAIN,
     "generic-arm": PLAIN,
     # Arm: four-lane accumulators (one 128-bit register), whole-vector widening dots
-    "neon": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, grouped=True, spread_bits=True,
-                  panel_lanes=8, word_pairs=_pmaddwd_plain),
+    "neon": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, grouped=True, block_sums=_block_sums_addp,
+                  prefetch=False, spread_bits=True, panel_lanes=8, word_pairs=_pmaddwd_plain),
     "neon-dotprod": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, byte_dot=_byte_dot_sdot,
-                          grouped=True, spread_bits=True, panel_lanes=8, word_pairs=_pmaddwd_plain),
+                          grouped=True, block_sums=_block_sums_addp, prefetch=False, spread_bits=True,
+                          panel_lanes=8, word_pairs=_pmaddwd_plain),
     "avx2": OpSet(8, _split_block_dot(_pmaddwd_avx2), half_dot=_pmaddwd_avx2),
     "avx512": OpSet(16, _block_dot_avx512),
     "avx512-vnni": OpSet(16, _block_dot_avx512, _pair_dot_vnni, word_dot_add=_vpdpwssd),

@@ -7,8 +7,8 @@ widens nibbles to int64, and LLVM then reduces every 32-value block to a scalar.
 one vector expression: weights widened to int16, the block dot to int32 lanes, scaled by the
 weights' and activations' scales into a float accumulator that is reduced once per row. With
 pair dots (AVX-512 VNNI) q4 blocks go two at a time, and the scales of GROUP_BLOCKS blocks are
-converted at once. The emitted code prefetches the row's bytes PREFETCH_BYTES ahead: without
-it, two cores stream weights from memory at 12 GB/s where a plain sum reads 17-20.
+converted at once. On x86 the emitted code prefetches the row's bytes PREFETCH_BYTES ahead:
+without it, two cores stream weights from memory at 12 GB/s where a plain sum reads 17-20.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .llvm_ir import (
     halves,
     lanes,
     load_vector,
-    prefetch,
+    prefetch as prefetch_ahead,
     reduce_sum,
     splat,
     vec,
@@ -104,6 +104,10 @@ def _two_scale_term(builder, ops: OpSet, w, act: TokenActivations, b, scales, x_
 def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens: list[TokenActivations]):
     """Emit the dots of `row` with each token's activations; returns one float32 value per token."""
     n = len(tokens)
+
+    def prefetch(builder, base, offset, ahead):
+        if ops.prefetch:
+            prefetch_ahead(builder, base, offset, ahead)
 
     def block(b, carried):
         accs, offsets = carried[:n], carried[n:]
@@ -205,8 +209,10 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
 
     def group(u, carried):
         """GROUP_BLOCKS blocks of a one-scale format: their scales (and offset terms) converted as
-        vectors at once, each block's integer dot scaled by its lane of them. (Groups of 16 spill
-        registers on Arm: 16.9 instructions a q4_0 block on a Cortex-A76, against 15.2.)"""
+        vectors at once, each block's integer dot scaled by its lane of them; with block_sums (Arm),
+        acc_lanes blocks' dots summed into one vector's lanes first, then converted and scaled at
+        once. (Groups of 16 spill registers on Arm: 15.4 instructions a q4_0 block on a Cortex-A76,
+        against 13.9.)"""
         accs, offsets = list(carried[:n]), carried[n:]
         b0 = builder.mul(u, const(GROUP_BLOCKS))
         lanes_t = vec(F32, GROUP_BLOCKS)
@@ -225,12 +231,21 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         for plane, per_block in codec.side_planes():
             prefetch(builder, row.base[plane], builder.add(row.row[plane], builder.mul(b0, const(per_block))),
                      PREFETCH_BYTES * per_block // codec.qs_bytes)
-        for k in range(GROUP_BLOCKS):
-            b = builder.add(b0, const(k))
-            w = _block_weights(builder, ops, codec, row, b)
-            for i, act in enumerate(tokens):
-                dot = builder.sitofp(_integer_dot(builder, ops, w, act, b), vec(F32, ops.acc_lanes))
-                scale = builder.shuffle_vector(scales[i], scales[i], lanes([k] * ops.acc_lanes))
+        width = ops.acc_lanes if ops.block_sums is not None else 1
+        for k0 in range(0, GROUP_BLOCKS, width):
+            dots = [[] for _ in tokens]
+            for k in range(k0, k0 + width):
+                b = builder.add(b0, const(k))
+                w = _block_weights(builder, ops, codec, row, b)
+                for i, act in enumerate(tokens):
+                    dots[i].append(_integer_dot(builder, ops, w, act, b))
+            for i in range(n):
+                if width == 1:
+                    dot, pick = dots[i][0], [k0] * ops.acc_lanes
+                else:  # lane k the whole dot of block k0 + k
+                    dot, pick = ops.block_sums(builder, dots[i]), list(range(k0, k0 + width))
+                scale = builder.shuffle_vector(scales[i], scales[i], lanes(pick))
+                dot = builder.sitofp(dot, vec(F32, ops.acc_lanes))
                 accs[i] = builder.fadd(accs[i], builder.fmul(dot, scale, flags=FAST), flags=FAST)
         return accs + new_offsets
 

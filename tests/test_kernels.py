@@ -819,14 +819,17 @@ def test_every_isa_compiles_for_its_cpu(isa, name):
 
 
 # Instructions per block of 32 weights in the Arm row dots' main loop, compiled for the ISA's own
-# CPU (Cortex-A72 / A76). The bandwidth budget of a Pi 5 is about 10 core cycles a q4_0 block.
+# CPU (Cortex-A72 / A76). The bandwidth budget of a Pi 5 is about 10 core cycles a q4_0 block. The
+# issue's targets: neon q4_0 <= 30, neon-dotprod q4_0 <= 14 and q8_0 <= 10; q8_0's stops at 12
+# (11.75): with exact int16 activations a block takes four sdot, three loads, a fresh accumulator
+# and the high bytes' shift, 9 before its share of the pairwise sums, scales and loop.
 ARM_INSTRUCTION_LIMITS = {
     ("neon", "q4_0"): 30,
     ("neon", "q8_0"): 30,
-    ("neon-dotprod", "q4_0"): 16,
-    ("neon-dotprod", "q8_0"): 14,
-    ("neon-dotprod", "q4_1"): 17,
-    ("neon-dotprod", "q4_k"): 19,
+    ("neon-dotprod", "q4_0"): 14,
+    ("neon-dotprod", "q8_0"): 12,
+    ("neon-dotprod", "q4_1"): 15,
+    ("neon-dotprod", "q4_k"): 17,
 }
 
 
