@@ -202,10 +202,9 @@ class OpSet:
     # (builder, w <32 or 16 x i8>, low, high) -> <acc_lanes x i32> summing to the dot with the
     # activations' SPLIT_BYTES: every format's blocks (and q6_k's halves) on byte dots
     byte_dot: Callable | None = None
-    # scales of GROUP_BLOCKS blocks converted at once, each block's integer dot scaled by its lane
-    grouped: bool = False
     # (builder, [acc_lanes dots <acc_lanes x i32>]) -> <acc_lanes x i32>, lane k block k's whole
-    # dot: grouped blocks converted and scaled acc_lanes at a time. None: each block on its own
+    # dot: the scales of GROUP_BLOCKS blocks converted at once, and their dots acc_lanes at a time
+    # (grouped). None: not grouped
     block_sums: Callable | None = None
     # software prefetch of the row's bytes ahead (row_dot.PREFETCH_BYTES): on x86 it takes two
     # cores from 12 to 17-20 GB/s. Arm cores' stream prefetchers follow a row dot's sequential
@@ -218,6 +217,10 @@ class OpSet:
     # (builder, a, b <2 panel_lanes x i16>) -> <panel_lanes x i32>; None: block_dot / half_dot's
     panel_lanes: int | None = None
     word_pairs: Callable | None = None
+
+    @property
+    def grouped(self) -> bool:
+        return self.block_sums is not None
 
     @property
     def pair_bytes(self) -> bool:
@@ -235,10 +238,10 @@ OP_SETS = {
     "generic": PLAIN,
     "generic-arm": PLAIN,
     # Arm: four-lane accumulators (one 128-bit register), whole-vector widening dots
-    "neon": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, grouped=True, block_sums=_block_sums_addp,
-                  prefetch=False, spread_bits=True, panel_lanes=8, word_pairs=_pmaddwd_plain),
+    "neon": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, block_sums=_block_sums_addp, prefetch=False,
+                  spread_bits=True, panel_lanes=8, word_pairs=_pmaddwd_plain),
     "neon-dotprod": OpSet(4, _widening_dot_neon, half_dot=_widening_dot_neon, byte_dot=_byte_dot_sdot,
-                          grouped=True, block_sums=_block_sums_addp, prefetch=False, spread_bits=True,
+                          block_sums=_block_sums_addp, prefetch=False, spread_bits=True,
                           panel_lanes=8, word_pairs=_pmaddwd_plain),
     "avx2": OpSet(8, _split_block_dot(_pmaddwd_avx2), half_dot=_pmaddwd_avx2),
     "avx512": OpSet(16, _block_dot_avx512),

@@ -208,11 +208,10 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         return accs
 
     def group(u, carried):
-        """GROUP_BLOCKS blocks of a one-scale format: their scales (and offset terms) converted as
-        vectors at once, each block's integer dot scaled by its lane of them; with block_sums (Arm),
-        acc_lanes blocks' dots summed into one vector's lanes first, then converted and scaled at
-        once. (Groups of 16 spill registers on Arm: 15.4 instructions a q4_0 block on a Cortex-A76,
-        against 13.9.)"""
+        """GROUP_BLOCKS blocks of a one-scale format (Arm): their scales (and offset terms) converted
+        as vectors at once, and acc_lanes blocks' integer dots summed into one vector's lanes
+        (block_sums), then converted and scaled by their lanes of the scales at once. (Groups of 16
+        spill registers on Arm: 15.4 instructions a q4_0 block on a Cortex-A76, against 13.9.)"""
         accs, offsets = list(carried[:n]), carried[n:]
         b0 = builder.mul(u, const(GROUP_BLOCKS))
         lanes_t = vec(F32, GROUP_BLOCKS)
@@ -231,21 +230,16 @@ def emit_row_dot(builder, ops: OpSet, codec: BlockCodec, row: RowPlanes, tokens:
         for plane, per_block in codec.side_planes():
             prefetch(builder, row.base[plane], builder.add(row.row[plane], builder.mul(b0, const(per_block))),
                      PREFETCH_BYTES * per_block // codec.qs_bytes)
-        width = ops.acc_lanes if ops.block_sums is not None else 1
-        for k0 in range(0, GROUP_BLOCKS, width):
+        for k0 in range(0, GROUP_BLOCKS, ops.acc_lanes):
             dots = [[] for _ in tokens]
-            for k in range(k0, k0 + width):
+            for k in range(k0, k0 + ops.acc_lanes):
                 b = builder.add(b0, const(k))
                 w = _block_weights(builder, ops, codec, row, b)
                 for i, act in enumerate(tokens):
                     dots[i].append(_integer_dot(builder, ops, w, act, b))
-            for i in range(n):
-                if width == 1:
-                    dot, pick = dots[i][0], [k0] * ops.acc_lanes
-                else:  # lane k the whole dot of block k0 + k
-                    dot, pick = ops.block_sums(builder, dots[i]), list(range(k0, k0 + width))
-                scale = builder.shuffle_vector(scales[i], scales[i], lanes(pick))
-                dot = builder.sitofp(dot, vec(F32, ops.acc_lanes))
+            for i in range(n):  # lane k the whole dot of block k0 + k
+                dot = builder.sitofp(ops.block_sums(builder, dots[i]), vec(F32, ops.acc_lanes))
+                scale = builder.shuffle_vector(scales[i], scales[i], lanes(range(k0, k0 + ops.acc_lanes)))
                 accs[i] = builder.fadd(accs[i], builder.fmul(dot, scale, flags=FAST), flags=FAST)
         return accs + new_offsets
 
